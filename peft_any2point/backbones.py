@@ -1,0 +1,208 @@
+"""Find, at run time, the parts of a Hugging Face transformer that Any2Point needs.
+
+Module paths drift between transformers releases (ViT moved its blocks from `encoder.layer` to `layers`), so
+nothing here is keyed on a release: the block stack is the `ModuleList` with one entry per hidden layer, and the
+position table, input norm and final norm are looked up by the names the architectures use, wherever they sit.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+
+Layout = Literal["1d", "2d", "rotary", "none"]
+
+# Suffixes of module/parameter names, most specific first.
+_POSITION_TABLE_NAMES = (
+    "embeddings.position_embeddings",
+    "embeddings.position_embedding",
+    "embed_positions",
+    "position_embeddings",
+    "position_embedding",
+    "wpe",
+)
+_INPUT_NORM_NAMES = ("embeddings.LayerNorm", "embeddings.layer_norm", "embeddings.norm", "pre_layrnorm", "pre_layernorm")
+_FINAL_NORM_NAMES = ("final_layer_norm", "final_norm", "layernorm", "layer_norm", "norm", "ln_f", "encoder.layer_norm")
+_ROTARY_NAMES = ("rotary_emb", "rotary_embedding", "rotary_embeddings")
+
+
+@dataclass
+class BackboneSpec:
+    """The parts of a backbone that the Any2Point forward runs, and how its position table is laid out.
+
+    `position_table` is a frozen view of the backbone's own table (never a copy): rows `[0, num_special_positions)`
+    are special slots (class/distillation tokens), the rest is a 1D sequence or a row-major `grid_shape` grid.
+    """
+
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    blocks: nn.ModuleList
+    layout: Layout
+    position_table: Tensor | None
+    num_special_positions: int
+    grid_shape: tuple[int, int] | None
+    input_norm: nn.Module | None
+    final_norm: nn.Module | None
+    rotary_embedding: nn.Module | None
+    causal_attention: bool
+
+    @property
+    def grid_table(self) -> Tensor | None:
+        """The table rows that virtual positions are interpolated in (special slots excluded)."""
+        if self.position_table is None:
+            return None
+        return self.position_table[self.num_special_positions :]
+
+    @property
+    def cls_position(self) -> Tensor | None:
+        """Position encoding of the class token: the backbone's slot 0 where it has one."""
+        if self.position_table is None or self.layout == "rotary":
+            return None
+        return self.position_table[0]
+
+
+def _config_value(config: object, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _find_by_suffix(model: nn.Module, suffixes: tuple[str, ...], exclude: nn.Module | None = None) -> tuple[str, nn.Module] | None:
+    """First module whose dotted name ends with one of `suffixes` (in their order), outside `exclude`."""
+    excluded = {id(m) for m in exclude.modules()} if exclude is not None else set()
+    modules = [(n, m) for n, m in model.named_modules() if id(m) not in excluded]
+    for suffix in suffixes:
+        for name, module in modules:
+            if name == suffix or name.endswith("." + suffix):
+                return name, module
+    return None
+
+
+def _find_position_table(model: nn.Module, blocks: nn.ModuleList) -> Tensor | None:
+    excluded = {id(p) for p in blocks.parameters()}
+    params = {n: p for n, p in model.named_parameters() if id(p) not in excluded}
+    for suffix in _POSITION_TABLE_NAMES:
+        for name, param in params.items():
+            stem = name.removesuffix(".weight")
+            if stem == suffix or stem.endswith("." + suffix):
+                table = param.detach()
+                return table.reshape(-1, table.shape[-1])
+    return None
+
+
+def _find_blocks(model: nn.Module, num_layers: int | None) -> nn.ModuleList:
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and len({type(block) for block in module}) == 1
+        and any(isinstance(m, nn.Linear) for m in module[0].modules())
+    ]
+    if num_layers is not None:
+        candidates = [(n, m) for n, m in candidates if len(m) == num_layers] or candidates
+    if not candidates:
+        raise ValueError(
+            f"{type(model).__name__} is not supported by Any2Point: no stack of transformer blocks (a ModuleList of "
+            "identical layers with linear projections) was found"
+        )
+    return max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))[1]
+
+
+def _grid_shape(model: nn.Module, config: object) -> tuple[int, int] | None:
+    """Patch grid of a 2D backbone, or None for a sequence model."""
+    embeddings = getattr(model, "embeddings", None)
+    if embeddings is not None and hasattr(embeddings, "get_shape"):  # AST: frequency x time patches
+        rows, cols = embeddings.get_shape(config)
+        return int(rows), int(cols)
+    image_size = _config_value(config, "image_size")
+    patch_size = _config_value(config, "patch_size")
+    if image_size is None or patch_size is None:
+        return None
+    size = image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+    patch = patch_size if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
+    return size[0] // patch[0], size[1] // patch[1]
+
+
+def _has_causal_attention(block: nn.Module) -> bool:
+    return any(getattr(m, "is_causal", False) is True for m in block.modules())
+
+
+def resolve_backbone(model: nn.Module) -> BackboneSpec:
+    """Locate blocks, position table and norms of `model`, raising a ValueError that names what is missing."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} is not a transformers model (it has no `config`)")
+    hidden_size = _config_value(config, "hidden_size", "d_model", "n_embd")
+    if hidden_size is None:
+        raise ValueError(f"{type(model).__name__} is not supported by Any2Point: its config names no hidden size")
+    num_layers = _config_value(config, "num_hidden_layers", "encoder_layers", "n_layer")
+    blocks = _find_blocks(model, num_layers)
+
+    table = _find_position_table(model, blocks)
+    rotary = _find_by_suffix(model, _ROTARY_NAMES, exclude=blocks)
+    num_special, grid = 0, None
+    if table is not None:
+        if table.shape[-1] != hidden_size:
+            raise ValueError(
+                f"{type(model).__name__}: position table width {table.shape[-1]} differs from hidden size {hidden_size}"
+            )
+        grid = _grid_shape(model, config)
+        if grid is not None:
+            num_special = table.shape[0] - grid[0] * grid[1]
+            if num_special < 0:
+                raise ValueError(
+                    f"{type(model).__name__}: position table has {table.shape[0]} rows, fewer than its "
+                    f"{grid[0]}x{grid[1]} patch grid"
+                )
+        layout: Layout = "2d" if grid is not None else "1d"
+    elif rotary is not None:
+        layout = "rotary"
+    else:
+        layout = "none"
+
+    input_norm = _find_by_suffix(model, _INPUT_NORM_NAMES, exclude=blocks)
+    final_norm = _find_by_suffix(model, _FINAL_NORM_NAMES, exclude=blocks)
+    if input_norm is not None and final_norm is not None and input_norm[1] is final_norm[1]:
+        final_norm = None
+    return BackboneSpec(
+        architecture=type(model).__name__,
+        hidden_size=int(hidden_size),
+        num_layers=len(blocks),
+        blocks=blocks,
+        layout=layout,
+        position_table=table,
+        num_special_positions=num_special,
+        grid_shape=grid,
+        input_norm=input_norm[1] if input_norm else None,
+        final_norm=final_norm[1] if final_norm else None,
+        rotary_embedding=rotary[1] if rotary else None,
+        causal_attention=_has_causal_attention(blocks[0]),
+    )
+
+
+def block_accepts(block: nn.Module, argument: str) -> bool:
+    """Whether a block's forward takes `argument` by name."""
+    return argument in inspect.signature(block.forward).parameters
+
+
+def run_block(block: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None, **kwargs: object) -> Tensor:
+    """Run one backbone block on (B, S, D) states with full (bidirectional) attention among the point tokens."""
+    output = block(hidden_states, attention_mask=attention_mask, **kwargs)
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def full_attention_mask(spec: BackboneSpec, hidden_states: Tensor) -> Tensor | None:
+    """An all-visible additive mask for blocks that would otherwise attend causally; None where not needed."""
+    if not spec.causal_attention:
+        return None
+    batch, length = hidden_states.shape[:2]
+    return torch.zeros(batch, 1, length, length, dtype=hidden_states.dtype, device=hidden_states.device)
