@@ -53,7 +53,10 @@ SYNTHETIC_CLASSES = ("sphere", "cube", "cylinder", "cone", "torus", "plane", "py
 
 NPZ_FORMAT = "ModelNet40 npz: `points` (N, P, 3) float16 and `labels` (N,), or `train_u8.npz` with `points_u8`"
 HDF5_FORMAT = "modelnet40_ply_hdf5_2048: `train_files.txt`/`test_files.txt` listing HDF5 shards, `data` (N, 2048, 3)"
-NORMAL_RESAMPLED_FORMAT = "modelnet40_normal_resampled: `modelnet40_train.txt`/`..._test.txt` listing shapes, `<class>/<shape>.txt` rows x,y,z,nx,ny,nz"
+NORMAL_RESAMPLED_FORMAT = (
+    "modelnet40_normal_resampled: `modelnet40_train.txt`/`..._test.txt` listing shapes, "
+    "`<class>/<shape>.txt` rows x,y,z,nx,ny,nz"
+)
 SCANOBJECTNN_FORMAT = "ScanObjectNN h5: `data` (N, 2048, 3) and `label` (N,) with 15 classes"
 
 
@@ -280,6 +283,7 @@ _CUBE_FACES = np.array(
 )  # fmt: skip
 _PYRAMID_VERTICES = np.array([[-1, -1, -1], [1, -1, -1], [1, 1, -1], [-1, 1, -1], [0, 0, 1]], dtype=np.float64)
 _PYRAMID_FACES = np.array([[0, 1, 2], [0, 2, 3], [0, 1, 4], [1, 2, 4], [2, 3, 4], [3, 0, 4]])
+_PLANE_VERTICES = np.array([[-1, -1, 0], [-1, 1, 0], [1, -1, 0], [1, 1, 0]], dtype=np.float64)
 _PLANE_FACES = np.array([[0, 1, 3], [0, 3, 2]])
 
 
@@ -332,7 +336,7 @@ SHAPE_SAMPLERS: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
     "cylinder": _sample_cylinder,
     "cone": _sample_cone,
     "torus": _sample_torus,
-    "plane": lambda n, rng: _sample_mesh(_CUBE_VERTICES[::2] * [1, 1, 0], _PLANE_FACES, n, rng),
+    "plane": lambda n, rng: _sample_mesh(_PLANE_VERTICES, _PLANE_FACES, n, rng),
     "pyramid": lambda n, rng: _sample_mesh(_PYRAMID_VERTICES, _PYRAMID_FACES, n, rng),
     "helix": _sample_helix,
 }

@@ -56,7 +56,10 @@ class RandomScaleTranslate:
 
 
 class RandomRotation:
-    """Rotate about `axis` by an angle uniform in ±`max_angle` radians (default: any angle about y, ScanObjectNN's up)."""
+    """Rotate about `axis` by an angle uniform in ±`max_angle` radians.
+
+    The default (any angle about y) is the rotation that Point-BERT-style ScanObjectNN recipes apply.
+    """
 
     def __init__(self, axis: str = "y", max_angle: float = math.pi) -> None:
         _check_axis(axis)
