@@ -8,6 +8,12 @@ better, whatever the input dtype, because bf16 distances would reorder neighbour
 
 from __future__ import annotations
 
+import functools
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -100,10 +106,25 @@ def farthest_point_sampling(
 # --------------------------------------------------------------------------- k nearest neighbours
 
 
+# Distance-matrix elements computed at once by the torch kNN (32 MiB of float32): memory stays bounded at any N.
+_KNN_CHUNK_ELEMENTS = 1 << 23
+
+
 def _knn_torch(queries: Tensor, points: Tensor, k: int) -> Tensor:
-    """Exact kNN from all query-point distances, computed by direct differences."""
-    dist = torch.cdist(queries.float(), points.float(), compute_mode="donot_use_mm_for_euclid_dist")  # (B, M, N)
-    return dist.topk(k, dim=-1, largest=False, sorted=True).indices  # (B, M, k)
+    """Exact kNN: all query-point distances by direct differences, then `topk`, over chunks of queries.
+
+    `cdist`'s default matmul formula is faster but its cancellation error reorders near neighbours.
+    """
+    batch, num_queries, _ = queries.shape
+    queries, points = queries.float(), points.float()
+    step = max(1, _KNN_CHUNK_ELEMENTS // (batch * points.shape[1]))
+    chunks = [
+        torch.cdist(queries[:, i : i + step], points, compute_mode="donot_use_mm_for_euclid_dist")  # (B, step, N)
+        .topk(k, dim=-1, largest=False, sorted=True)
+        .indices  # (B, step, k)
+        for i in range(0, num_queries, step)
+    ]
+    return torch.cat(chunks, dim=1)  # (B, M, k)
 
 
 def knn_indices(queries: Tensor, points: Tensor, k: int, backend: str | None = None) -> Tensor:
@@ -126,7 +147,7 @@ def knn_indices(queries: Tensor, points: Tensor, k: int, backend: str | None = N
         )
     if not 1 <= k <= points.shape[1]:
         raise ValueError(f"k must be between 1 and the number of points ({points.shape[1]}), got {k}")
-    run = _pick("knn", points.device, backend)
+    run = _pick("knn", points.device, backend, k)
     with torch.no_grad(), _no_autocast(points.device):
         return run(queries, points, k)
 
@@ -155,24 +176,108 @@ def gather_points(values: Tensor, indices: Tensor) -> Tensor:
     return flat.view(*indices.shape, *values.shape[2:])
 
 
-# --------------------------------------------------------------------------- backends
+# --------------------------------------------------------------------------- optional backends
 
-_BACKENDS = {
-    "fps": {"torch": _fps_torch},
-    "knn": {"torch": _knn_torch},
+
+@functools.cache
+def _module(name: str) -> ModuleType | None:
+    """The optional backend package, or None when it is missing or fails to load (e.g. a build for another torch)."""
+    try:
+        return importlib.import_module(name)
+    except (ImportError, OSError):
+        return None
+
+
+def _fps_fpsample(points: Tensor, num_samples: int, start: Tensor) -> Tensor:
+    """`fpsample`'s vanilla (exact) FPS, one cloud at a time; its bucket variants return the samples unordered."""
+    fpsample = _module("fpsample")
+    clouds = points.detach().float().numpy()  # (B, N, 3)
+    picked = [
+        fpsample.fps_sampling(cloud, num_samples, start_idx=s) for cloud, s in zip(clouds, start.tolist(), strict=True)
+    ]
+    return torch.from_numpy(np.stack(picked).astype(np.int64))  # (B, num_samples)
+
+
+def _cloud_offsets(batch: int, size: int, device: torch.device) -> Tensor:
+    """(B + 1,) start of each cloud in the flattened (B * size, 3) layout torch_cluster works on."""
+    return torch.arange(0, (batch + 1) * size, size, device=device)
+
+
+def _fps_torch_cluster(points: Tensor, num_samples: int, start: Tensor) -> Tensor:
+    """torch_cluster's FPS, which always starts at a cloud's first point: swap the start there and back."""
+    torch_cluster = _module("torch_cluster")
+    batch, num_points, _ = points.shape
+    swap = torch.arange(num_points, device=points.device).repeat(batch, 1)  # (B, N), its own inverse
+    swap.scatter_(1, start.view(batch, 1), 0)
+    swap[:, 0] = start
+    flat = points.float().gather(1, swap.unsqueeze(-1).expand(-1, -1, 3)).reshape(-1, 3)  # (B * N, 3)
+    offsets = _cloud_offsets(batch, num_points, points.device)
+    # torch_cluster keeps ceil(ratio * N) points per cloud; half a point below num_samples survives float rounding.
+    ratio = (num_samples - 0.5) / num_points
+    picked = torch_cluster.fps(flat, ratio=ratio, random_start=False, ptr=offsets)  # (B * num_samples,)
+    return swap.gather(1, picked.view(batch, num_samples) - offsets[:-1, None])  # (B, num_samples)
+
+
+def _knn_torch_cluster(queries: Tensor, points: Tensor, k: int) -> Tensor:
+    """torch_cluster's kNN (a KD-tree on CPU); it returns flattened (query, neighbour) pairs, nearest first."""
+    torch_cluster = _module("torch_cluster")
+    batch, num_queries, _ = queries.shape
+    num_points = points.shape[1]
+    clouds = torch.arange(batch, device=points.device)
+    _, neighbour = torch_cluster.knn(
+        points.float().reshape(-1, 3),
+        queries.float().reshape(-1, 3),
+        k,
+        batch_x=clouds.repeat_interleave(num_points),
+        batch_y=clouds.repeat_interleave(num_queries),
+        batch_size=batch,
+    )  # (B * M * k,) indices into the flattened points
+    return neighbour.view(batch, num_queries, k) - _cloud_offsets(batch, num_points, points.device)[:-1, None, None]
+
+
+# --------------------------------------------------------------------------- backend choice
+
+_IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Tensor]]] = {
+    "fps": {"torch": _fps_torch, "fpsample": _fps_fpsample, "torch_cluster": _fps_torch_cluster},
+    "knn": {"torch": _knn_torch, "torch_cluster": _knn_torch_cluster},
 }
+
+# Fastest first, per (op, device type), as measured by benchmarks/bench_kernels.py; "torch" always closes the list.
+_PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
+    ("fps", "cpu"): ("fpsample", "torch", "torch_cluster"),
+    ("knn", "cpu"): ("torch_cluster", "torch"),
+    ("fps", "cuda"): ("torch_cluster", "torch"),
+    ("knn", "cuda"): ("torch_cluster", "torch"),
+}
+
+# torch_cluster's CUDA kNN keeps each query's best candidates in a fixed array of 100.
+_TORCH_CLUSTER_CUDA_MAX_K = 100
 
 
 def available_backends() -> dict[str, list[str]]:
     """Installed backends per op, e.g. {"fps": ["torch", "fpsample"], "knn": ["torch"]}."""
-    return {op: list(impls) for op, impls in _BACKENDS.items()}
+    return {
+        op: [name for name in impls if name == "torch" or _module(name) is not None]
+        for op, impls in _IMPLEMENTATIONS.items()
+    }
 
 
-def _pick(op: str, device: torch.device, backend: str | None):
-    """The implementation of `op` to run: the requested backend, or the fastest one for the device."""
-    impls = _BACKENDS[op]
+def _runs_on(backend: str, device: torch.device, k: int) -> bool:
+    """Whether an installed backend handles tensors on `device` (and, for kNN, this k)."""
+    if backend == "torch" or device.type == "cpu":
+        return True
+    if backend == "torch_cluster" and device.type == "cuda":
+        return _module("torch_cluster").cuda_version() != -1 and k <= _TORCH_CLUSTER_CUDA_MAX_K
+    return False
+
+
+def _pick(op: str, device: torch.device, backend: str | None, k: int = 0) -> Callable[..., Tensor]:
+    """The implementation of `op` to run: the requested backend, or the fastest usable one for the device."""
+    usable = [name for name in available_backends()[op] if _runs_on(name, device, k)]
     if backend is None:
-        backend = "torch"
-    if backend not in impls:
-        raise ValueError(f"unknown or unavailable {op} backend {backend!r}; available: {sorted(impls)}")
-    return impls[backend]
+        backend = next(name for name in _PREFERENCE.get((op, device.type), ("torch",)) if name in usable)
+    elif backend not in usable:
+        raise ValueError(
+            f"{op} backend {backend!r} is unknown or unavailable for these {device.type} inputs; available: {usable}"
+        )
+    return _IMPLEMENTATIONS[op][backend]

@@ -1,0 +1,235 @@
+"""Geometry ops against independent float64 brute force, across every installed backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from peft_any2point.ops import available_backends, farthest_point_sampling, gather_points, knn_indices
+
+
+def _backend_params(op: str) -> list:
+    """Every backend the ops know of for `op`; the optional ones skip, with the reason, when not installed."""
+    installed = available_backends()[op]
+    known = {"fps": ["torch", "fpsample", "torch_cluster"], "knn": ["torch", "torch_cluster"]}[op]
+    return [
+        pytest.param(name, id=name, marks=pytest.mark.skipif(name not in installed, reason=f"{name} is not installed"))
+        for name in known
+    ]
+
+
+def _cloud(batch: int, num_points: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, num_points, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def _reference_fps(cloud: np.ndarray, num_samples: int, start: int) -> list[int]:
+    """Textbook FPS in float64: each step takes the point farthest from everything selected so far."""
+    cloud = cloud.astype(np.float64)
+    selected = [start]
+    nearest = np.full(len(cloud), np.inf)
+    while len(selected) < num_samples:
+        nearest = np.minimum(nearest, ((cloud - cloud[selected[-1]]) ** 2).sum(axis=1))
+        selected.append(int(np.argmax(nearest)))
+    return selected
+
+
+def _reference_knn(query: np.ndarray, cloud: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(M, k) neighbour indices and their float64 squared distances, by a full sort."""
+    dist = ((query[:, None, :].astype(np.float64) - cloud[None, :, :].astype(np.float64)) ** 2).sum(-1)  # (M, N)
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(dist, order, axis=1)
+
+
+# --------------------------------------------------------------------------- farthest point sampling
+
+
+@pytest.mark.parametrize("backend", _backend_params("fps"))
+def test_fps_matches_float64_reference(backend: str) -> None:
+    points = _cloud(3, 97)
+    start = torch.tensor([0, 41, 96])
+    picked = farthest_point_sampling(points, 40, start_index=start, backend=backend)
+    assert picked.dtype == torch.int64 and picked.shape == (3, 40)
+    for cloud, first, row in zip(points.numpy(), start.tolist(), picked.tolist(), strict=True):
+        assert row == _reference_fps(cloud, 40, first)
+
+
+def test_fps_default_start_is_the_point_farthest_from_the_centroid() -> None:
+    points = _cloud(4, 50)
+    centred = points.double() - points.double().mean(dim=1, keepdim=True)
+    expected = centred.norm(dim=-1).argmax(dim=1)
+    picked = farthest_point_sampling(points, 10)
+    assert torch.equal(picked[:, 0], expected)
+    for cloud, first, row in zip(points.numpy(), expected.tolist(), picked.tolist(), strict=True):
+        assert row == _reference_fps(cloud, 10, first)
+
+
+@pytest.mark.parametrize("backend", _backend_params("fps"))
+def test_fps_selected_points_do_not_depend_on_point_order(backend: str) -> None:
+    points = _cloud(2, 256, seed=1)
+    shuffle = torch.stack([torch.randperm(256, generator=torch.Generator().manual_seed(b)) for b in range(2)])
+    shuffled = gather_points(points, shuffle)
+    picked = gather_points(points, farthest_point_sampling(points, 64, backend=backend))
+    picked_shuffled = gather_points(shuffled, farthest_point_sampling(shuffled, 64, backend=backend))
+    assert torch.equal(picked, picked_shuffled)
+
+
+@pytest.mark.parametrize("backend", _backend_params("fps"))
+def test_fps_all_points_is_a_permutation_and_one_point_is_the_start(backend: str) -> None:
+    points = _cloud(2, 33)
+    start = torch.tensor([5, 32])
+    everything = farthest_point_sampling(points, 33, start_index=start, backend=backend)
+    assert torch.equal(everything.sort(dim=1).values, torch.arange(33).expand(2, 33))
+    assert torch.equal(farthest_point_sampling(points, 1, start_index=start, backend=backend), start[:, None])
+
+
+@pytest.mark.parametrize("backend", _backend_params("fps"))
+def test_fps_backends_agree_on_realistic_clouds(backend: str) -> None:
+    points = _cloud(4, 1024, seed=2)
+    start = torch.tensor([0, 1, 500, 1023])
+    expected = farthest_point_sampling(points, 512, start_index=start, backend="torch")
+    assert torch.equal(farthest_point_sampling(points, 512, start_index=start, backend=backend), expected)
+
+
+def test_fps_bf16_autocast_input_selects_as_float32() -> None:
+    points = _cloud(2, 128).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        picked = farthest_point_sampling(points, 32)
+    assert torch.equal(picked, farthest_point_sampling(points.float(), 32))
+
+
+def test_fps_ignores_autograd() -> None:
+    points = _cloud(2, 64).requires_grad_()
+    for backend in available_backends()["fps"]:
+        assert not farthest_point_sampling(points, 8, backend=backend).requires_grad
+
+
+# --------------------------------------------------------------------------- k nearest neighbours
+
+
+@pytest.mark.parametrize("backend", _backend_params("knn"))
+def test_knn_matches_brute_force_sort(backend: str) -> None:
+    points = _cloud(3, 200, seed=3)
+    queries = _cloud(3, 50, seed=4)
+    found = knn_indices(queries, points, 16, backend=backend)
+    assert found.dtype == torch.int64 and found.shape == (3, 50, 16)
+    for query, cloud, neighbours in zip(queries.numpy(), points.numpy(), found.numpy(), strict=True):
+        expected, expected_dist = _reference_knn(query, cloud, 16)
+        dist = ((query[:, None, :].astype(np.float64) - cloud[neighbours].astype(np.float64)) ** 2).sum(-1)
+        np.testing.assert_allclose(dist, expected_dist, rtol=1e-6)  # nearest first
+        np.testing.assert_array_equal(np.sort(neighbours, axis=1), np.sort(expected, axis=1))
+
+
+@pytest.mark.parametrize("backend", _backend_params("knn"))
+def test_knn_backends_agree_on_realistic_clouds(backend: str) -> None:
+    points = _cloud(4, 1024, seed=5)
+    queries = gather_points(points, farthest_point_sampling(points, 512))
+    expected = knn_indices(queries, points, 32, backend="torch")
+    found = knn_indices(queries, points, 32, backend=backend)
+    assert torch.equal(found.sort(dim=-1).values, expected.sort(dim=-1).values)
+    assert torch.equal(found[..., 0], expected[..., 0])  # a query's nearest point is itself
+
+
+def test_knn_chunks_give_the_unchunked_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    points = _cloud(2, 100, seed=6)
+    queries = _cloud(2, 37, seed=7)
+    whole = knn_indices(queries, points, 8, backend="torch")
+    monkeypatch.setattr("peft_any2point.ops._KNN_CHUNK_ELEMENTS", 2 * 100 * 5)  # 5 queries at a time
+    assert torch.equal(knn_indices(queries, points, 8, backend="torch"), whole)
+
+
+def test_knn_bf16_autocast_input_ranks_as_float32() -> None:
+    points = _cloud(2, 128).bfloat16()
+    queries = points[:, :32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        found = knn_indices(queries, points, 8)
+    expected = knn_indices(queries.float(), points.float(), 8)
+    assert torch.equal(found.sort(dim=-1).values, expected.sort(dim=-1).values)
+
+
+# --------------------------------------------------------------------------- gather
+
+
+def test_gather_points_shapes() -> None:
+    features = torch.randn(2, 10, 4, 5)
+    assert gather_points(features, torch.zeros(2, 3, dtype=torch.long)).shape == (2, 3, 4, 5)
+    assert gather_points(features, torch.zeros(2, 3, 7, dtype=torch.long)).shape == (2, 3, 7, 4, 5)
+    assert gather_points(features[..., 0, 0], torch.zeros(2, 3, 7, dtype=torch.long)).shape == (2, 3, 7)
+
+
+def test_gather_points_selects_within_each_cloud() -> None:
+    features = torch.randn(3, 10, 6)
+    indices = torch.randint(0, 10, (3, 4, 5))
+    expected = torch.stack([features[b][indices[b]] for b in range(3)])
+    assert torch.equal(gather_points(features, indices), expected)
+
+
+def test_gather_points_gradient_accumulates_repeated_indices() -> None:
+    features = torch.randn(2, 6, 3, dtype=torch.double, requires_grad=True)
+    indices = torch.tensor([[[0, 0, 5]], [[1, 2, 2]]])
+    torch.autograd.gradcheck(lambda f: gather_points(f, indices), (features,))
+    gather_points(features, indices).sum().backward()
+    assert features.grad[0, 0].tolist() == [2.0, 2.0, 2.0] and features.grad[0, 1].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------- errors and backend choice
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda p: farthest_point_sampling(p[0], 4), r"points must have shape \(batch, num_points, 3\)"),
+        (lambda p: farthest_point_sampling(p[..., :2], 4), r"points must have shape \(batch, num_points, 3\)"),
+        (lambda p: farthest_point_sampling(p, 11), r"num_samples must be between 1 and the number of points \(10\)"),
+        (lambda p: farthest_point_sampling(p, 0), r"num_samples must be between 1"),
+        (
+            lambda p: farthest_point_sampling(p, 4, torch.tensor([0])),
+            r"start_index must be an int64 tensor of shape \(2,\)",
+        ),
+        (lambda p: farthest_point_sampling(p, 4, torch.tensor([0, 10])), r"start_index values must be in \[0, 10\)"),
+        (
+            lambda p: farthest_point_sampling(p, 4, backend="nope"),
+            r"fps backend 'nope' is unknown or unavailable.*'torch'",
+        ),
+        (lambda p: knn_indices(p, p, 11), r"k must be between 1 and the number of points \(10\)"),
+        (lambda p: knn_indices(p, p, 0), r"k must be between 1"),
+        (lambda p: knn_indices(p[..., :2], p, 3), r"queries must have shape"),
+        (lambda p: knn_indices(p, p[:1], 3), r"same batch size"),
+        (lambda p: knn_indices(p, p, 3, backend="fpsample"), r"knn backend 'fpsample' is unknown or unavailable"),
+        (lambda p: gather_points(p, torch.zeros(3, 4, dtype=torch.long)), r"must share the batch size"),
+    ],
+    ids=[
+        "fps-rank",
+        "fps-last-dim",
+        "fps-too-many",
+        "fps-zero",
+        "fps-start-shape",
+        "fps-start-range",
+        "fps-backend",
+        "knn-k-too-big",
+        "knn-k-zero",
+        "knn-last-dim",
+        "knn-batch",
+        "knn-backend",
+        "gather-batch",
+    ],
+)
+def test_invalid_inputs_raise_clear_errors(call, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call(_cloud(2, 10))
+
+
+def test_available_backends_always_include_torch() -> None:
+    backends = available_backends()
+    assert backends["fps"][0] == "torch" and backends["knn"][0] == "torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    points = _cloud(4, 1024, seed=8)
+    start = torch.tensor([0, 1, 2, 3])
+    picked = farthest_point_sampling(points, 256, start_index=start)
+    assert torch.equal(farthest_point_sampling(points.cuda(), 256, start_index=start.cuda()).cpu(), picked)
+    queries = gather_points(points, picked)
+    expected = knn_indices(queries, points, 32).sort(dim=-1).values
+    assert torch.equal(knn_indices(queries.cuda(), points.cuda(), 32).cpu().sort(dim=-1).values, expected)
