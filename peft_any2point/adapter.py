@@ -19,13 +19,15 @@ from torch import Tensor, nn
 class LocalGeometry:
     """Per-forward grouping of the T point tokens, shared by all adapters.
 
-    `cell_mask` (B, V, T, T) is True where two tokens share a projected cell in a view; `cell_groups` (B, V, T) and
-    `voxel_groups` (B, T) give each token the index of the first token of its cell / 3D voxel, a per-sample group
-    id that scatter reductions use.
+    `cell_mask` (B, V, T, T) is True where two tokens share a projected cell in a view and `cell_mean` is the same
+    relation as a row-normalised averaging operator; `voxel_mean` (B, T, T) averages over tokens in the same 3D
+    voxel and `voxel_groups` (B, T) gives each token the index of the first token of its voxel (a per-sample group
+    id for the scatter max).
     """
 
     cell_mask: Tensor
-    cell_groups: Tensor
+    cell_mean: Tensor
+    voxel_mean: Tensor
     voxel_groups: Tensor
 
     @classmethod
@@ -33,24 +35,23 @@ class LocalGeometry:
         cell_mask = cell_ids.unsqueeze(-1) == cell_ids.unsqueeze(-2)  # (B, V, T, T)
         voxels = torch.floor(centres.float() / voxel_size).long()  # (B, T, 3)
         voxel_mask = (voxels.unsqueeze(2) == voxels.unsqueeze(1)).all(-1)  # (B, T, T)
-        # argmax of a boolean row returns its first True: the lowest token index of the group.
+        # argmax of a boolean row returns its first True: the lowest token index of the voxel.
         return cls(
             cell_mask=cell_mask,
-            cell_groups=cell_mask.byte().argmax(-1),
+            cell_mean=_averaging_operator(cell_mask),
+            voxel_mean=_averaging_operator(voxel_mask),
             voxel_groups=voxel_mask.byte().argmax(-1),
         )
 
 
-def group_mean(values: Tensor, groups: Tensor) -> Tensor:
-    """Mean of `values` (..., T, C) over tokens with the same group id (..., T), broadcast back to every token."""
-    index = groups.unsqueeze(-1).expand_as(values)
-    sums = torch.zeros_like(values).scatter_add_(-2, index, values)
-    counts = torch.zeros_like(values[..., :1]).scatter_add_(-2, groups.unsqueeze(-1), torch.ones_like(values[..., :1]))
-    return (sums / counts.clamp_min(1)).gather(-2, index)
+def _averaging_operator(same_group: Tensor) -> Tensor:
+    """Row-normalised adjacency: multiplying by it replaces each token by the mean of its group."""
+    adjacency = same_group.float()
+    return adjacency / adjacency.sum(-1, keepdim=True)
 
 
 def group_max(values: Tensor, groups: Tensor) -> Tensor:
-    """Max of `values` (..., T, C) over tokens with the same group id (..., T), broadcast back to every token."""
+    """Max of `values` (B, T, C) over tokens with the same group id (B, T), broadcast back to every token."""
     index = groups.unsqueeze(-1).expand_as(values)
     maxima = torch.full_like(values, torch.finfo(values.dtype).min).scatter_reduce(
         -2, index, values, reduce="amax", include_self=True
@@ -91,16 +92,16 @@ class GuidedAdapter(nn.Module):
 
     def local_guidance(self, tokens: Tensor, geometry: LocalGeometry) -> Tensor:
         """Cell-restricted attention per view, cell pooling, and the voxel-guided view ensemble: (B, T, r)."""
-        num_views = geometry.cell_mask.shape[1]
-        query, key, value = self.local_qkv(tokens).unsqueeze(1).chunk(3, dim=-1)  # each (B, 1, T, r)
-        shape = (-1, num_views, -1, -1)
-        attended = F.scaled_dot_product_attention(
-            query.expand(shape), key.expand(shape), value.expand(shape), attn_mask=geometry.cell_mask
-        )  # (B, V, T, r)
-        per_view = self.act(self.local_norm(group_mean(attended, geometry.cell_groups)))
+        query, key, value = self.local_qkv(tokens).chunk(3, dim=-1)  # each (B, T, r)
+        # Projections are shared by the views, so the scores are too; only the cell masks differ per view.
+        scores = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5  # (B, T, T)
+        scores = scores.unsqueeze(1).float().masked_fill(~geometry.cell_mask, float("-inf"))  # (B, V, T, T)
+        attended = scores.softmax(dim=-1) @ value.unsqueeze(1).float()  # (B, V, T, r)
+        per_view = self.act(self.local_norm(geometry.cell_mean @ attended))
         if not self.use_view_ensemble:
             return per_view.mean(dim=1)
-        reference = group_max(tokens, geometry.voxel_groups) + group_mean(tokens, geometry.voxel_groups)  # (B, T, r)
+        tokens = tokens.float()
+        reference = group_max(tokens, geometry.voxel_groups) + geometry.voxel_mean @ tokens  # (B, T, r)
         similarity = F.cosine_similarity(per_view, reference.unsqueeze(1), dim=-1)  # (B, V, T)
         weights = similarity.softmax(dim=1).unsqueeze(-1)
         return (weights * per_view).sum(dim=1)

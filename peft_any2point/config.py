@@ -37,8 +37,10 @@ class Any2PointConfig(PeftConfig):
     )
     num_neighbors: int = field(default=24, metadata={"help": "Neighbours k grouped around every centre, per stage."})
     stage_widths: list[int] = field(
-        default_factory=lambda: [64, 128, 256],
-        metadata={"help": "Feature width of each embedder stage (len == num_stages); the last is mapped to the backbone width."},
+        default_factory=lambda: [48, 96, 192],
+        metadata={
+            "help": "Feature width of each embedder stage (len == num_stages); the last is mapped to the backbone width."
+        },
     )
     point_encoding_dim: int = field(
         default=48, metadata={"help": "Width of the trigonometric encoding of raw xyz (a multiple of 6)."}
@@ -55,7 +57,8 @@ class Any2PointConfig(PeftConfig):
     )
     num_views: int = field(default=6, metadata={"help": "Virtual views V whose interpolated encodings are averaged."})
     camera_distance: float = field(
-        default=1.6, metadata={"help": "Distance of the virtual camera from the origin for the 2D perspective projection."}
+        default=1.6,
+        metadata={"help": "Distance of the virtual camera from the origin for the 2D perspective projection."},
     )
     num_virtual_positions: int | None = field(
         default=None,
@@ -77,7 +80,9 @@ class Any2PointConfig(PeftConfig):
     )
     local_cells_1d: int = field(default=16, metadata={"help": "Cells the 1D position range is cut into for guidance."})
     local_cells_2d: int = field(default=8, metadata={"help": "Cells per image axis for 2D guidance."})
-    voxel_size: float = field(default=0.12, metadata={"help": "Edge of the 3D voxels of the reference, in input units."})
+    voxel_size: float = field(
+        default=0.12, metadata={"help": "Edge of the 3D voxels of the reference, in input units."}
+    )
     local_scale: float = field(default=0.5, metadata={"help": "Mixing coefficient of the local-guidance branch."})
     head_hidden_size: int = field(default=256, metadata={"help": "Hidden width of the classification head."})
     head_dropout: float = field(default=0.5, metadata={"help": "Dropout in the classification head."})
@@ -100,13 +105,17 @@ class Any2PointConfig(PeftConfig):
         if self.num_tokens < 1 or self.num_neighbors < 1:
             raise ValueError(f"num_tokens and num_neighbors must be >= 1, got {self.num_tokens}, {self.num_neighbors}")
         if self.point_encoding_dim % 6:
-            raise ValueError(f"point_encoding_dim must be a multiple of 6 (sin and cos per axis), got {self.point_encoding_dim}")
+            raise ValueError(
+                f"point_encoding_dim must be a multiple of 6 (sin and cos per axis), got {self.point_encoding_dim}"
+            )
         if self.projection not in ("auto", "1d", "2d", "rotary", "learned", "none"):
             raise ValueError(f"unknown projection {self.projection!r}")
         if self.num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {self.num_views}")
         if self.camera_distance <= 1.0:
-            raise ValueError(f"camera_distance must exceed 1 (points lie in the unit sphere), got {self.camera_distance}")
+            raise ValueError(
+                f"camera_distance must exceed 1 (points lie in the unit sphere), got {self.camera_distance}"
+            )
 
     @property
     def min_points(self) -> int:

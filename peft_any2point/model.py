@@ -227,9 +227,6 @@ class Any2PointModel(BaseTuner):
             remaining = list(self.any2point)
             self.active_adapter = remaining[0] if remaining else []
 
-    def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        self.__dict__["_adapters_disabled"] = not enabled
-
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if merge:
             raise ValueError("Any2Point adds new modules around the backbone; there is nothing to merge into it")
@@ -247,7 +244,9 @@ class Any2PointModel(BaseTuner):
         """Map checkpoint keys to this adapter and refuse files whose tensors do not fit it."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         expected = {
-            key: value for key, value in model.state_dict().items() if f".{cls.modules_attribute}.{adapter_name}." in key
+            key: value
+            for key, value in model.state_dict().items()
+            if f".{cls.modules_attribute}.{adapter_name}." in key
         }
         missing = sorted(set(expected) - set(remapped))
         unexpected = sorted(set(remapped) - set(expected))
@@ -274,7 +273,7 @@ class Any2PointModel(BaseTuner):
         original_forward = type(backbone).forward.__get__(backbone)
 
         def forward(*args: Any, points: Tensor | None = None, **kwargs: Any) -> Any:
-            if points is None or self.__dict__.get("_adapters_disabled", False):
+            if points is None:
                 return original_forward(*args, **kwargs)
             return self.forward_points(points, *args, **kwargs)
 
@@ -368,5 +367,7 @@ class Any2PointModel(BaseTuner):
                     f"{tuple(labels.shape)} with range [{int(labels.min())}, {int(labels.max())}]"
                 )
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-        output = PointCloudClassifierOutput(loss=loss, logits=logits, hidden_states=hidden if output_hidden_states else None)
+        output = PointCloudClassifierOutput(
+            loss=loss, logits=logits, hidden_states=hidden if output_hidden_states else None
+        )
         return output if return_dict else output.to_tuple()
