@@ -26,7 +26,13 @@ _POSITION_TABLE_NAMES = (
     "position_embedding",
     "wpe",
 )
-_INPUT_NORM_NAMES = ("embeddings.LayerNorm", "embeddings.layer_norm", "embeddings.norm", "pre_layrnorm", "pre_layernorm")
+_INPUT_NORM_NAMES = (
+    "embeddings.LayerNorm",
+    "embeddings.layer_norm",
+    "embeddings.norm",
+    "pre_layrnorm",
+    "pre_layernorm",
+)
 _FINAL_NORM_NAMES = ("final_layer_norm", "final_norm", "layernorm", "layer_norm", "norm", "ln_f", "encoder.layer_norm")
 _ROTARY_NAMES = ("rotary_emb", "rotary_embedding", "rotary_embeddings")
 
@@ -75,7 +81,9 @@ def _config_value(config: object, *names: str) -> int | None:
     return None
 
 
-def _find_by_suffix(model: nn.Module, suffixes: tuple[str, ...], exclude: nn.Module | None = None) -> tuple[str, nn.Module] | None:
+def _find_by_suffix(
+    model: nn.Module, suffixes: tuple[str, ...], exclude: nn.Module | None = None
+) -> tuple[str, nn.Module] | None:
     """First module whose dotted name ends with one of `suffixes` (in their order), outside `exclude`."""
     excluded = {id(m) for m in exclude.modules()} if exclude is not None else set()
     modules = [(n, m) for n, m in model.named_modules() if id(m) not in excluded]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 
-__all__ = ["available_backends", "farthest_point_sampling", "gather_points", "knn_indices"]
+__all__ = ["available_backends", "default_backend", "farthest_point_sampling", "gather_points", "knn_indices"]
 
 
 def _check_points(name: str, points: Tensor) -> None:
@@ -98,7 +98,7 @@ def farthest_point_sampling(
         )
     elif bool(((start_index < 0) | (start_index >= num_points)).any()):
         raise ValueError(f"start_index values must be in [0, {num_points})")
-    run = _pick("fps", points.device, backend)
+    run = _IMPLEMENTATIONS["fps"][_choose("fps", points.device, backend, 0)]
     with torch.no_grad(), _no_autocast(points.device):
         return run(points, num_samples, start_index.to(points.device))
 
@@ -147,7 +147,7 @@ def knn_indices(queries: Tensor, points: Tensor, k: int, backend: str | None = N
         )
     if not 1 <= k <= points.shape[1]:
         raise ValueError(f"k must be between 1 and the number of points ({points.shape[1]}), got {k}")
-    run = _pick("knn", points.device, backend, k)
+    run = _IMPLEMENTATIONS["knn"][_choose("knn", points.device, backend, k)]
     with torch.no_grad(), _no_autocast(points.device):
         return run(queries, points, k)
 
@@ -267,17 +267,22 @@ def _runs_on(backend: str, device: torch.device, k: int) -> bool:
     if backend == "torch" or device.type == "cpu":
         return True
     if backend == "torch_cluster" and device.type == "cuda":
-        return _module("torch_cluster").cuda_version() != -1 and k <= _TORCH_CLUSTER_CUDA_MAX_K
+        return _module("torch_cluster").cuda_version != -1 and k <= _TORCH_CLUSTER_CUDA_MAX_K
     return False
 
 
-def _pick(op: str, device: torch.device, backend: str | None, k: int = 0) -> Callable[..., Tensor]:
-    """The implementation of `op` to run: the requested backend, or the fastest usable one for the device."""
+def default_backend(op: str, device: torch.device | str = "cpu", k: int = 1) -> str:
+    """The backend `backend=None` runs for `op` ("fps" or "knn") on `device` (and, for kNN, this k): for logs and benchmarks."""
+    return _choose(op, torch.device(device), None, k)
+
+
+def _choose(op: str, device: torch.device, backend: str | None, k: int) -> str:
+    """The requested backend, checked, or the fastest usable one for the device."""
     usable = [name for name in available_backends()[op] if _runs_on(name, device, k)]
     if backend is None:
-        backend = next(name for name in _PREFERENCE.get((op, device.type), ("torch",)) if name in usable)
-    elif backend not in usable:
+        return next(name for name in _PREFERENCE.get((op, device.type), ("torch",)) if name in usable)
+    if backend not in usable:
         raise ValueError(
             f"{op} backend {backend!r} is unknown or unavailable for these {device.type} inputs; available: {usable}"
         )
-    return _IMPLEMENTATIONS[op][backend]
+    return backend

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from peft_any2point.ops import available_backends, farthest_point_sampling, gather_points, knn_indices
+from peft_any2point.ops import (
+    available_backends,
+    default_backend,
+    farthest_point_sampling,
+    gather_points,
+    knn_indices,
+)
 
 
 def _backend_params(op: str) -> list:
@@ -222,6 +228,13 @@ def test_invalid_inputs_raise_clear_errors(call, message: str) -> None:
 def test_available_backends_always_include_torch() -> None:
     backends = available_backends()
     assert backends["fps"][0] == "torch" and backends["knn"][0] == "torch"
+
+
+def test_default_backend_is_installed_and_runs_on_the_device() -> None:
+    for op, installed in available_backends().items():
+        assert default_backend(op, "cpu") in installed
+        assert default_backend(op, "cuda") in {"torch", "torch_cluster"} & set(installed)  # fpsample is CPU-only
+    assert default_backend("knn", "cuda", k=101) == "torch"  # torch_cluster's CUDA kNN stops at k=100
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
