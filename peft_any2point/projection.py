@@ -25,7 +25,7 @@ _MIN_SPREAD = 1e-6
 def _axis_rotation(axis: int, degrees: float) -> Tensor:
     """Right-handed rotation matrix about coordinate axis `axis` (0=x, 1=y, 2=z)."""
     c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
+    i, j = (axis + 1) % 3, (axis + 2) % 3  # the rotated plane, in right-handed (cyclic) order
     rotation = torch.eye(3, dtype=torch.float64)
     rotation[i, i], rotation[i, j], rotation[j, i], rotation[j, j] = c, -s, s, c
     return rotation
