@@ -18,7 +18,13 @@ from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
 from peft_any2point.adapter import GuidedAdapter, LocalGeometry
-from peft_any2point.backbones import BackboneSpec, full_attention_mask, resolve_backbone, run_block
+from peft_any2point.backbones import (
+    BackboneSpec,
+    full_attention_mask,
+    resolve_backbone,
+    rotary_position_embeddings,
+    run_block,
+)
 from peft_any2point.config import Any2PointConfig
 from peft_any2point.embedder import PointEmbedder
 from peft_any2point.projection import (
@@ -62,11 +68,15 @@ def validate_points(points: object, min_points: int) -> Tensor:
 
 
 def resolve_projection(config: Any2PointConfig, spec: BackboneSpec) -> str:
-    """The projection actually used: 'auto' follows the backbone's layout; tableless backbones fall back to 1D."""
+    """The projection actually used: 'auto' follows the backbone's layout.
+
+    Backbones without any position table or rotary module (wav2vec2/HuBERT's convolutional encoding) fall back to
+    the 1D projection onto a sinusoidal stand-in table (see `Any2PointModel._line_table`).
+    """
     if config.projection != "auto":
         if config.projection == "2d" and spec.layout != "2d":
             raise ValueError(f"projection='2d' needs a backbone with a 2D patch grid; {spec.architecture} has none")
-        if config.projection == "rotary" and spec.rotary_embedding is None:
+        if config.projection == "rotary" and spec.layout != "rotary":
             raise ValueError(f"projection='rotary' needs a rotary-position backbone; {spec.architecture} is not one")
         return config.projection
     return {"1d": "1d", "2d": "2d", "rotary": "rotary", "none": "1d"}[spec.layout]
@@ -128,7 +138,8 @@ class Any2PointModules(nn.Module):
         if isinstance(spec.final_norm, nn.LayerNorm) and spec.final_norm.weight is not None:
             with torch.no_grad():  # start from the backbone's own output statistics
                 self.norm.weight.copy_(spec.final_norm.weight)
-                self.norm.bias.copy_(spec.final_norm.bias)
+                if spec.final_norm.bias is not None:  # ModernBERT's norms have no bias
+                    self.norm.bias.copy_(spec.final_norm.bias)
         self.head = PointClassificationHead(hidden, config.head_hidden_size, config.num_labels, config.head_dropout)
 
 
@@ -176,8 +187,6 @@ class Any2PointModel(BaseTuner):
         config.backbone_hidden_size = spec.hidden_size
         config.backbone_num_layers = spec.num_layers
         projection = resolve_projection(config, spec)
-        if projection == "rotary":
-            raise NotImplementedError("rotary-position backbones are not supported yet")
         if self.modules_attribute not in self._modules:
             self.any2point = nn.ModuleDict()
         device = next(iter(model.parameters())).device
@@ -295,7 +304,7 @@ class Any2PointModel(BaseTuner):
             views = project_2d(centres, config.num_views, config.camera_distance, config.local_cells_2d)
         else:
             views = project_1d(centres, config.num_views, config.local_cells_1d)
-        if modules.projection == "none":
+        if modules.projection in ("none", "rotary"):  # rotary positions enter the attention instead
             return None, views
         if modules.projection == "learned":
             return modules.learned_position(centres), views
@@ -305,6 +314,30 @@ class Any2PointModel(BaseTuner):
             table = self._line_table(config, centres.device)
             encodings = interpolate_table_1d(table, views.unit_coords)
         return encodings.mean(dim=1), views  # average over the V views
+
+    def _rotary_embeddings(
+        self, modules: Any2PointModules, config: Any2PointConfig, views: ProjectedViews, hidden: Tensor
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Per-block (cos, sin) (B, 1 + T, head_dim) for the class token followed by the point tokens.
+
+        The 1D virtual projection becomes fractional position ids in `[0, L - 1]` (L = `num_virtual_positions` or
+        the backbone's `max_position_embeddings`), one row per view, which the backbone's own rotary module turns
+        into (cos, sin); see `rotary_position_embeddings` for how the views are combined. The class token sits at
+        position 0 in every view, the slot of the BOS/[CLS] token in pre-training (an identity rotation). Other
+        projections on a rotary backbone (ablations) put every token at position 0, so the blocks see no rotary
+        position at all.
+        """
+        spec = self.backbone_spec
+        length = config.num_virtual_positions or spec.max_positions
+        if length > spec.max_positions:
+            raise ValueError(f"num_virtual_positions={length} exceeds the backbone's {spec.max_positions} positions")
+        points = views.unit_coords[..., 0] * (length - 1)  # (B, V, T)
+        if modules.projection != "rotary":
+            points = torch.zeros_like(points)
+        positions = F.pad(points, (1, 0))  # (B, V, 1 + T): the class token at 0
+        layer_types = spec.rotary_layer_types or (None,) * spec.num_layers
+        per_type = {kind: rotary_position_embeddings(spec, positions, hidden, kind) for kind in set(layer_types)}
+        return [per_type[kind] for kind in layer_types]
 
     def _line_table(self, config: Any2PointConfig, device: torch.device) -> Tensor:
         """The 1D table points are spread over: the backbone's own rows, or a sinusoidal stand-in without one."""
@@ -351,9 +384,11 @@ class Any2PointModel(BaseTuner):
         if config.use_adapter and config.use_local_guidance:
             geometry = LocalGeometry.from_projection(views.cell_ids, centres, config.voxel_size)
         mask = full_attention_mask(spec, hidden)
+        rotary = self._rotary_embeddings(modules, config, views, hidden) if spec.layout == "rotary" else None
         adapter_dtype = modules.cls_token.dtype
         for index, block in enumerate(spec.blocks):
-            hidden = run_block(block, hidden, mask)
+            extra = {"position_embeddings": rotary[index]} if rotary is not None else {}
+            hidden = run_block(block, hidden, mask, **extra)
             if config.use_adapter:
                 hidden = modules.adapters[index](hidden.to(adapter_dtype), geometry).to(backbone_dtype)
 
