@@ -7,7 +7,8 @@ The batch shrinks above `--points-per-run` points in all (default 32 × 4096) so
 finish on two shared cores: FPS and brute-force kNN cost grows as N², so B=32 at 16k points would take
 minutes per backend.
 
-Run `python -m benchmarks.bench_kernels` for `benchmarks/results/kernels.{json,md}` and the table.
+Run `python -m benchmarks.bench_kernels` for `benchmarks/results/kernels.{json,md}` and the table;
+`--device cuda` writes `kernels_cuda.{json,md}`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--channels", type=int, default=64, help="feature width gathered by the group row")
     parser.add_argument("--min_run_time", type=float, default=1.0, help="seconds of timing per measurement")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     return parser.parse_args()
 
@@ -56,12 +58,13 @@ def median_ms(fn: Callable[[], object], min_run_time: float) -> tuple[float, int
 
 def bench_size(num_points: int, batch: int, args: argparse.Namespace) -> list[dict]:
     """One row per op at this size: each backend's median time."""
-    points = torch.randn(batch, num_points, 3, generator=torch.Generator().manual_seed(num_points))
+    generator = torch.Generator().manual_seed(num_points)
+    points = torch.randn(batch, num_points, 3, generator=generator).to(args.device)
     num_centres = num_points // 2
     centres = gather_points(points, farthest_point_sampling(points, num_centres, backend="torch"))  # (B, M, 3)
     neighbours = knn_indices(centres, points, args.k, backend="torch")  # (B, M, k)
-    features = torch.randn(batch, num_points, args.channels, requires_grad=True)
-    backends = available_backends()
+    features = torch.randn(batch, num_points, args.channels, generator=generator).to(args.device).requires_grad_()
+    backends = available_backends(args.device)
 
     def group() -> None:
         gather_points(features, neighbours).sum().backward()  # (B, M, k, C) forward, scatter-add backward
@@ -85,7 +88,7 @@ def bench_size(num_points: int, batch: int, args: argparse.Namespace) -> list[di
                 "op": op,
                 "num_points": num_points,
                 "batch": batch,
-                "auto": default_backend(op, "cpu", args.k) if op != "group" else "torch",
+                "auto": default_backend(op, args.device, args.k) if op != "group" else "torch",
                 "backends": {
                     name: {"median_ms": ms, "runs": runs, "ratio_to_fastest": ms / fastest}
                     for name, (ms, runs) in times.items()
@@ -108,7 +111,7 @@ def format_row(row: dict) -> str:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     header = [
-        f"Geometry kernels on CPU ({meta['threads']} torch threads, load average {meta['load_average_before']} before the run), "
+        f"Geometry kernels on {meta['device_name']} ({meta['threads']} torch threads, load average {meta['load_average_before']} before the run), "
         f"{meta['date']}. FPS: N → N/2; kNN: N/2 queries, k={meta['k']}; group: gather of (B, N/2, k, {meta['channels']}) "
         "features, forward + backward. Median wall time (ratio to the row's fastest); `auto` = what `backend=None` runs.",
         "",
@@ -122,6 +125,7 @@ def main() -> None:
     args = parse_args()
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -137,8 +141,9 @@ def main() -> None:
         batch = max(1, min(args.batch_size, args.points_per_run // num_points))
         rows += bench_size(num_points, batch, args)
     meta["load_average_after"] = round(os.getloadavg()[0], 2)
-    atomic_write_text(args.output_dir / "kernels.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(args.output_dir / "kernels.md", markdown(rows, meta))
+    stem = "kernels" if args.device == "cpu" else f"kernels_{torch.device(args.device).type}"
+    atomic_write_text(args.output_dir / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(args.output_dir / f"{stem}.md", markdown(rows, meta))
 
 
 if __name__ == "__main__":

@@ -106,21 +106,30 @@ def farthest_point_sampling(
 # --------------------------------------------------------------------------- k nearest neighbours
 
 
-# Distance-matrix elements computed at once by the torch kNN (1 MiB of float32): memory stays bounded at any N,
-# and each block is still in cache when `topk` reads it (about 12% faster than 32 MiB blocks here).
-_KNN_CHUNK_ELEMENTS = 1 << 18
+# Distance-matrix elements the torch kNN computes at once, per device type: memory stays bounded at any N. On CPU
+# 1 MiB blocks are still in cache when `topk` reads them (about 12% faster than 32 MiB); a GPU wants big launches.
+_KNN_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+
+
+def _distances(queries: Tensor, points: Tensor) -> Tensor:
+    """(B, m, 3), (B, N, 3) -> (B, m, N) distances (squared on GPU) by direct differences.
+
+    The matmul formula (`cdist`'s default) is faster but its cancellation error reorders near neighbours. The exact
+    `cdist` mode is the fastest exact option on CPU, but on CUDA broadcasting differences is about 40x faster.
+    """
+    if queries.device.type == "cpu":
+        return torch.cdist(queries, points, compute_mode="donot_use_mm_for_euclid_dist")
+    return (queries[:, :, None, :] - points[:, None, :, :]).square_().sum(-1)  # (B, m, N, 3) -> (B, m, N)
 
 
 def _knn_torch(queries: Tensor, points: Tensor, k: int) -> Tensor:
-    """Exact kNN: all query-point distances by direct differences, then `topk`, over chunks of queries.
-
-    `cdist`'s default matmul formula is faster but its cancellation error reorders near neighbours.
-    """
+    """Exact kNN: all query-point distances, then `topk`, over chunks of queries."""
     batch, num_queries, _ = queries.shape
     queries, points = queries.float(), points.float()
-    step = max(1, _KNN_CHUNK_ELEMENTS // (batch * points.shape[1]))
+    chunk = _KNN_CHUNK_ELEMENTS.get(points.device.type, _KNN_CHUNK_ELEMENTS["cuda"])
+    step = max(1, chunk // (batch * points.shape[1]))
     chunks = [
-        torch.cdist(queries[:, i : i + step], points, compute_mode="donot_use_mm_for_euclid_dist")  # (B, step, N)
+        _distances(queries[:, i : i + step], points)
         .topk(k, dim=-1, largest=False, sorted=True)
         .indices  # (B, step, k)
         for i in range(0, num_queries, step)
@@ -243,9 +252,12 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Tensor]]] = {
     "knn": {"torch": _knn_torch, "torch_cluster": _knn_torch_cluster},
 }
 
-# Fastest first, per (op, device type), as measured by benchmarks/bench_kernels.py; "torch" always closes the list.
+# Fastest first, per (op, device type); "torch" closes each list. CPU as measured by benchmarks/bench_kernels.py
+# (results/kernels.md): fpsample's FPS beats the torch loop by 7-18% and torch_cluster's is 3-10x slower than both;
+# torch_cluster's KD-tree kNN is 1.5x (512 points) to 15x (16k) faster than brute force. On CUDA the torch FPS loop
+# is launch-bound (~70 ms for 1024 -> 512, B=32, results/kernels_cuda.md), so torch_cluster's kernels come first.
 _PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
-    ("fps", "cpu"): ("fpsample", "torch", "torch_cluster"),
+    ("fps", "cpu"): ("fpsample", "torch"),
     ("knn", "cpu"): ("torch_cluster", "torch"),
     ("fps", "cuda"): ("torch_cluster", "torch"),
     ("knn", "cuda"): ("torch_cluster", "torch"),
@@ -255,12 +267,18 @@ _PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
 _TORCH_CLUSTER_CUDA_MAX_K = 100
 
 
-def available_backends() -> dict[str, list[str]]:
-    """Installed backends per op, e.g. {"fps": ["torch", "fpsample"], "knn": ["torch"]}."""
-    return {
+def available_backends(device: torch.device | str | None = None) -> dict[str, list[str]]:
+    """Installed backends per op, e.g. {"fps": ["torch", "fpsample"], "knn": ["torch"]}.
+
+    With `device`, only those that take its tensors (fpsample is CPU-only; torch_cluster needs a CUDA build on GPU).
+    """
+    installed = {
         op: [name for name in impls if name == "torch" or _module(name) is not None]
         for op, impls in _IMPLEMENTATIONS.items()
     }
+    if device is None:
+        return installed
+    return {op: [name for name in names if _runs_on(name, torch.device(device), 1)] for op, names in installed.items()}
 
 
 def _runs_on(backend: str, device: torch.device, k: int) -> bool:
@@ -273,7 +291,7 @@ def _runs_on(backend: str, device: torch.device, k: int) -> bool:
 
 
 def default_backend(op: str, device: torch.device | str = "cpu", k: int = 1) -> str:
-    """The backend `backend=None` runs for `op` ("fps" or "knn") on `device` (and, for kNN, this k): for logs and benchmarks."""
+    """The backend `backend=None` runs for `op` ("fps" or "knn") on `device` (for kNN, with this k); for logs."""
     return _choose(op, torch.device(device), None, k)
 
 

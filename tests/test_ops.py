@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from peft_any2point.ops import (
+    _KNN_CHUNK_ELEMENTS,
     available_backends,
     default_backend,
     farthest_point_sampling,
@@ -140,7 +141,7 @@ def test_knn_chunks_give_the_unchunked_answer(monkeypatch: pytest.MonkeyPatch) -
     points = _cloud(2, 100, seed=6)
     queries = _cloud(2, 37, seed=7)
     whole = knn_indices(queries, points, 8, backend="torch")
-    monkeypatch.setattr("peft_any2point.ops._KNN_CHUNK_ELEMENTS", 2 * 100 * 5)  # 5 queries at a time
+    monkeypatch.setitem(_KNN_CHUNK_ELEMENTS, "cpu", 2 * 100 * 5)  # 5 queries at a time
     assert torch.equal(knn_indices(queries, points, 8, backend="torch"), whole)
 
 
@@ -231,9 +232,11 @@ def test_available_backends_always_include_torch() -> None:
 
 
 def test_default_backend_is_installed_and_runs_on_the_device() -> None:
+    assert available_backends("cpu") == available_backends()
+    assert "fpsample" not in available_backends("cuda")["fps"]  # fpsample is CPU-only
     for op, installed in available_backends().items():
         assert default_backend(op, "cpu") in installed
-        assert default_backend(op, "cuda") in {"torch", "torch_cluster"} & set(installed)  # fpsample is CPU-only
+        assert default_backend(op, "cuda") in available_backends("cuda")[op]
     assert default_backend("knn", "cuda", k=101) == "torch"  # torch_cluster's CUDA kNN stops at k=100
 
 
