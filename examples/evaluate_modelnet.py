@@ -12,7 +12,6 @@ import argparse
 import json
 from pathlib import Path
 
-from accelerate import Accelerator
 from peft import PeftConfig, PeftModel
 from torch.utils.data import DataLoader
 from transformers import AutoModel
@@ -20,6 +19,7 @@ from transformers import AutoModel
 import peft_any2point  # noqa: F401  (registers the Any2Point method with peft; import before loading)
 from peft_any2point.data import DATASET_NAMES
 from peft_any2point.training import (
+    create_accelerator,
     load_split,
     point_cloud_metrics,
     predict,
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = create_accelerator(args.mixed_precision)
     base = args.model_name_or_path or PeftConfig.from_pretrained(args.adapter_path).base_model_name_or_path
     model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), args.adapter_path)
 

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from peft import get_peft_model
 from tqdm.auto import tqdm
 from transformers import AutoModel, get_cosine_schedule_with_warmup
@@ -29,6 +28,7 @@ from peft_any2point.training import (
     METRICS_LOG,
     TrainingProgress,
     bundled_minilm_path,
+    create_accelerator,
     hub_base_model_id,
     load_checkpoint,
     load_train_test,
@@ -97,9 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
-    )
+    accelerator = create_accelerator(args.mixed_precision, args.gradient_accumulation_steps)
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
 

@@ -67,6 +67,19 @@ def hub_base_model_id(model_name_or_path: str) -> str:
     return model_name_or_path
 
 
+def create_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1) -> Accelerator:
+    """An `Accelerator` that also forms a process group on machines without an accelerator.
+
+    Accelerate detects a multi-process CPU job (`torchrun --nproc_per_node 2`) only when told to use the CPU;
+    otherwise every process would train alone on the whole data set and all would write the same outputs.
+    """
+    return Accelerator(
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+    )
+
+
 # ----- data ------------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,291 @@
+"""The library side of training: resumable data order, checkpoints, voting evaluation and metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from peft import get_peft_model, get_peft_model_state_dict
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import get_cosine_schedule_with_warmup
+
+from peft_any2point.data import make_synthetic_dataset
+from peft_any2point.training import (
+    EpochShuffleSampler,
+    PointCloudData,
+    TrainingProgress,
+    find_latest_checkpoint,
+    load_checkpoint,
+    load_train_test,
+    make_dataloaders,
+    point_cloud_metrics,
+    predict,
+    resolve_checkpoint,
+    save_adapter,
+    save_checkpoint,
+    write_metrics_log,
+)
+from tests.conftest import make_backbone, tiny_config
+
+
+@pytest.fixture
+def accelerator() -> Accelerator:
+    return Accelerator(cpu=True)
+
+
+def test_shuffle_order_depends_on_seed_and_epoch_only():
+    first, again = EpochShuffleSampler(50, seed=3), EpochShuffleSampler(50, seed=3)
+    first.set_epoch(4)
+    again.set_epoch(4)
+    order = list(first)
+    assert sorted(order) == list(range(50))
+    assert list(again) == order == list(first)  # no hidden state advances between passes
+    again.set_epoch(5)
+    assert list(again) != order
+    other_seed = EpochShuffleSampler(50, seed=4)
+    other_seed.set_epoch(4)
+    assert list(other_seed) != order
+
+
+def test_skipping_batches_resumes_the_same_shuffled_order(accelerator):
+    data = PointCloudData(
+        make_synthetic_dataset("train", num_points=8, samples_per_class=3),
+        make_synthetic_dataset("test", num_points=8, samples_per_class=1),
+        "synthetic",
+        "test",
+    )
+    train, _ = make_dataloaders(data, batch_size=4, seed=7)
+    train = accelerator.prepare(train)
+    train.set_epoch(2)
+    full = [batch["points"] for batch in train]
+    skipped = accelerator.skip_first_batches(train, 2)
+    skipped.set_epoch(2)
+    rest = [batch["points"] for batch in skipped]
+    assert len(full) == 24 // 4 and len(rest) == len(full) - 2
+    for expected, actual in zip(full[2:], rest, strict=True):
+        assert torch.equal(expected, actual)
+
+
+def test_iterating_the_loaders_leaves_the_global_rng_alone():
+    """Dropout draws from the global RNG; a resumed run creates an extra iterator, which must not shift it."""
+    data = PointCloudData(
+        make_synthetic_dataset("train", num_points=8, samples_per_class=2),
+        make_synthetic_dataset("test", num_points=8, samples_per_class=1),
+        "synthetic",
+        "test",
+    )
+    state = torch.get_rng_state()
+    for loader in make_dataloaders(data, batch_size=4, seed=0):
+        list(loader)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_max_samples_keep_a_seeded_subset_of_every_class():
+    data = load_train_test("synthetic", num_points=16, max_train_samples=40, max_eval_samples=16, seed=1)
+    again = load_train_test("synthetic", num_points=16, max_train_samples=40, max_eval_samples=16, seed=1)
+    assert (len(data.train), len(data.test)) == (40, 16)
+    assert torch.equal(data.train[:]["points"], again.train[:]["points"])
+    assert len(set(data.train[:]["labels"].tolist())) > 4  # a random subset, not the first classes' prefix
+    assert data.class_names == list(data.train.features["labels"].names)
+
+
+def test_modelnet40_without_data_falls_back_to_synthetic_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.delenv("ANY2POINT_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ../shared/data/modelnet40 from here
+    data = load_train_test("modelnet40", num_points=16, max_train_samples=8, max_eval_samples=8)
+    assert data.dataset == "synthetic"
+    assert "no ModelNet40 found" in data.source
+
+
+def test_an_explicit_data_dir_never_falls_back(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No ModelNet40 data found in"):
+        load_train_test("modelnet40", data_dir=str(tmp_path / "typo"), num_points=16)
+
+
+# ----- checkpoints -----------------------------------------------------------------------------------------------
+
+
+def _training_setup(accelerator: Accelerator, seed: int = 0):
+    model = get_peft_model(make_backbone("bert", seed=seed), tiny_config())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 2, 10)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, scheduler
+
+
+def _train_step(model, optimizer, scheduler, generator: torch.Generator) -> None:
+    model.train()
+    points = torch.rand(4, 64, 3, generator=generator) * 2 - 1
+    model(points=points, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+
+
+def test_checkpoint_round_trip_restores_trainable_state_optimizer_scheduler_and_every_rng(accelerator, tmp_path):
+    model, optimizer, scheduler = _training_setup(accelerator)
+    generator = torch.Generator().manual_seed(5)
+    _train_step(model, optimizer, scheduler, generator)
+    progress = TrainingProgress(epoch=1, step=3, batch_in_epoch=2, loss_sum=4.5, elapsed_s=1.0)
+    history = [{"epoch": 1, "test_accuracy": 0.5}]
+    path = save_checkpoint(tmp_path, accelerator, model, optimizer, scheduler, generator, progress, history)
+    assert path == tmp_path / "checkpoint-3"
+    assert sorted(p.name for p in path.iterdir()) == [
+        "rng_state_0.pt",
+        "trainable_state.safetensors",
+        "training_state.pt",
+    ]
+    saved_state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    backbone_params = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    saved_numel = sum(v.numel() for v in saved_state.values())
+    assert saved_numel < backbone_params  # trainable state only, not the whole model
+    expected_draws = (random.random(), np.random.rand(), torch.rand(3), torch.rand(3, generator=generator))
+    saved_lr = scheduler.get_last_lr()
+
+    # Move everything on, then restore into a freshly built model.
+    fresh, fresh_optimizer, fresh_scheduler = _training_setup(accelerator, seed=1)
+    _train_step(fresh, fresh_optimizer, fresh_scheduler, torch.Generator().manual_seed(9))
+    _train_step(fresh, fresh_optimizer, fresh_scheduler, torch.Generator().manual_seed(9))
+    fresh_generator = torch.Generator().manual_seed(123)
+    restored, restored_history = load_checkpoint(
+        path, accelerator, fresh, fresh_optimizer, fresh_scheduler, fresh_generator
+    )
+
+    assert restored == progress
+    assert restored_history == history
+    for key, value in get_peft_model_state_dict(fresh).items():
+        assert torch.equal(value, saved_state[key]), key
+    assert fresh_scheduler.get_last_lr() == saved_lr
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+    assert random.random() == expected_draws[0]
+    assert np.random.rand() == expected_draws[1]
+    assert torch.equal(torch.rand(3), expected_draws[2])
+    assert torch.equal(torch.rand(3, generator=fresh_generator), expected_draws[3])
+
+
+def test_a_crash_while_saving_leaves_no_checkpoint_that_looks_complete(accelerator, tmp_path):
+    model, optimizer, scheduler = _training_setup(accelerator)
+    generator = torch.Generator().manual_seed(0)
+    save_checkpoint(tmp_path, accelerator, model, optimizer, scheduler, generator, TrainingProgress(step=2), [])
+    crash = mock.patch("peft_any2point.training.torch.save", side_effect=OSError("disk full"))
+    with crash, pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, accelerator, model, optimizer, scheduler, generator, TrainingProgress(step=4), [])
+    assert not (tmp_path / "checkpoint-4").exists()
+    assert (tmp_path / ".checkpoint-4.partial").is_dir()  # the debris is hidden and ignored
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert resolve_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-2"
+
+
+def test_latest_checkpoint_is_the_highest_step_not_the_last_in_name_order(tmp_path):
+    for name in ("checkpoint-9", "checkpoint-10", "checkpoint-x", ".checkpoint-11.partial"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-12").write_text("a file, not a folder")
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert find_latest_checkpoint(tmp_path / "checkpoint-x") is None
+
+
+def test_resolving_a_missing_checkpoint_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--resume_from_checkpoint latest: no checkpoint-<step> in"):
+        resolve_checkpoint("latest", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-5 is not a checkpoint folder"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-5"), tmp_path)
+
+
+def test_loading_an_incomplete_or_mismatched_checkpoint_is_refused(accelerator, tmp_path):
+    model, optimizer, scheduler = _training_setup(accelerator)
+    generator = torch.Generator()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"not a complete Any2Point checkpoint: \['trainable_state"):
+        load_checkpoint(tmp_path / "empty", accelerator, model, optimizer, scheduler, generator)
+    path = save_checkpoint(tmp_path, accelerator, model, optimizer, scheduler, generator, TrainingProgress(step=1), [])
+    state = torch.load(path / "training_state.pt", weights_only=False)
+    torch.save({**state, "num_processes": 2}, path / "training_state.pt")
+    with pytest.raises(ValueError, match="written by 2 processes; resuming it with 1 would change the data order"):
+        load_checkpoint(path, accelerator, model, optimizer, scheduler, generator)
+
+
+# ----- evaluation ------------------------------------------------------------------------------------------------
+
+
+class MeanCoordinateModel(torch.nn.Module):
+    """Logits = the mean xyz of each cloud: a model whose outputs a test can compute by hand."""
+
+    def forward(self, points: torch.Tensor) -> mock.Mock:
+        return mock.Mock(logits=points.mean(dim=1))
+
+
+def _shift_by_one(points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    return points + 1.0
+
+
+def test_voting_averages_the_plain_and_the_augmented_copies(accelerator):
+    points = torch.arange(5 * 2 * 3, dtype=torch.float32).reshape(5, 2, 3)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    loader = accelerator.prepare(DataLoader(TensorDataset(points, labels), batch_size=2))
+    loader = [{"points": p, "labels": y} for p, y in loader]
+    model = MeanCoordinateModel()
+
+    logits, gathered_labels = predict(model, loader, accelerator)
+    assert torch.equal(logits, points.mean(dim=1))
+    assert torch.equal(gathered_labels, labels)
+    voted, _ = predict(model, loader, accelerator, num_votes=4, augment=_shift_by_one)
+    # one plain copy and three shifted by one: the mean moves by 3/4
+    torch.testing.assert_close(voted, points.mean(dim=1) + 0.75)
+
+
+def test_voting_without_an_augmentation_is_refused(accelerator):
+    with pytest.raises(ValueError, match="voting needs an augmentation"):
+        predict(MeanCoordinateModel(), [], accelerator, num_votes=2)
+
+
+def test_point_cloud_metrics_match_hand_computed_values():
+    # predictions 0, 1, 1, 1, 0 against references 0, 0, 1, 1, 2
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 2.0, 0.0], [1.0, 0.0, 0.5]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    result = point_cloud_metrics(logits, labels, ["cup", "cone", "car"])
+    assert result["accuracy"] == pytest.approx(3 / 5)
+    assert result["per_class_accuracy"] == {"cup": 0.5, "cone": 1.0, "car": 0.0}
+    assert result["mean_class_accuracy"] == pytest.approx(0.5)
+    assert result["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert result["num_samples"] == 5
+    expected_loss = np.mean(
+        [
+            math.log(sum(math.exp(v) for v in row)) - row[y]
+            for row, y in zip(logits.tolist(), labels.tolist(), strict=True)
+        ]
+    )
+    assert result["loss"] == pytest.approx(expected_loss)
+
+
+# ----- outputs ---------------------------------------------------------------------------------------------------
+
+
+def test_save_adapter_moves_in_exactly_the_adapter_files(tmp_path):
+    model = get_peft_model(make_backbone("bert"), tiny_config())
+    path = save_adapter(model, tmp_path)
+    assert path == tmp_path / "adapter_model.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "ANY2POINT"
+    umask = _umask()
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_metrics_log_is_rewritten_from_the_history(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n')  # a killed run got further than its checkpoint
+    write_metrics_log(log, [{"epoch": 1, "test_accuracy": 0.25}])
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [{"epoch": 1, "test_accuracy": 0.25}]
+
+
+def _umask() -> int:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
