@@ -155,10 +155,10 @@ def _find_blocks(model: nn.Module, num_layers: int | None) -> nn.ModuleList:
 
 def _grid_shape(model: nn.Module, config: object) -> tuple[int, int] | None:
     """Patch grid of a 2D backbone, or None for a sequence model."""
-    embeddings = getattr(model, "embeddings", None)
-    if embeddings is not None and hasattr(embeddings, "get_shape"):  # AST: frequency x time patches
-        rows, cols = embeddings.get_shape(config)
-        return int(rows), int(cols)
+    for module in model.modules():  # AST: its embeddings know the frequency x time patch grid, wherever they sit
+        if callable(getattr(module, "get_shape", None)):
+            rows, cols = module.get_shape(config)
+            return int(rows), int(cols)
     image_size = _config_value(config, "image_size")
     patch_size = _config_value(config, "patch_size")
     if image_size is None or patch_size is None:
@@ -317,7 +317,8 @@ def _frequency_views(spec: BackboneSpec, num_views: int, kwargs: dict[str, str],
     """View index of every rotary dimension, read off the rotary module itself (whatever its dimension layout).
 
     At position 1 each dimension turns by its frequency; dimensions that share a frequency get the same view, and
-    frequencies are dealt to the views round-robin from the fastest down.
+    frequencies are dealt to the views round-robin from the fastest down (a head with fewer frequencies than views
+    leaves the last views out).
     """
     probe = torch.zeros(1, device=device)  # float32, so that no two frequencies round to one value
     cos, sin = spec.rotary_embedding(probe, torch.ones(1, 1, device=device), **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from peft import get_peft_model
 from transformers.models.whisper.modeling_whisper import sinusoids
 
@@ -56,6 +57,9 @@ def test_ast_cls_token_takes_slot_zero_and_projection_is_2d():
     assert spec.cls_position.data_ptr() == model.embeddings.position_embeddings.data_ptr()
     peft_model = get_peft_model(model, tiny_config())
     assert peft_model.base_model.any2point["default"].projection == "2d"
+    # a task model wraps the same embeddings one level down
+    classifier = transformers.ASTForAudioClassification(model.config)
+    assert resolve_backbone(classifier).grid_shape == (4, 6)
 
 
 @pytest.mark.parametrize("name", ["whisper_encoder", "whisper"])
