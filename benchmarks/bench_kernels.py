@@ -2,7 +2,8 @@
 
 FPS keeps N/2 of N points; kNN finds k=32 neighbours of N/2 queries (the FPS centres) among the N points;
 "group" gathers (B, N, 64) point features into (B, N/2, 32, 64) neighbour groups, forward + backward.
-Each time is the median of `torch.utils.benchmark.Timer` runs; a ratio is to the fastest backend of its row.
+Each time is the median of `torch.utils.benchmark.Timer` blocks, the backends of a row taking turns;
+a ratio is to the fastest backend of its row.
 The batch shrinks above `--points-per-run` points in all (default 32 × 4096) so that the 8k and 16k rows
 finish on two shared cores: FPS and brute-force kNN cost grows as N², so B=32 at 16k points would take
 minutes per backend.
@@ -17,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,16 +46,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--points_per_run", type=int, default=32 * 4096, help="cap on B × N; B shrinks above it")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--channels", type=int, default=64, help="feature width gathered by the group row")
-    parser.add_argument("--min_run_time", type=float, default=1.0, help="seconds of timing per measurement")
+    parser.add_argument("--min_run_time", type=float, default=1.0, help="seconds of timing per backend and size")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="turns the backends of a row take; the median is over them"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     return parser.parse_args()
 
 
-def median_ms(fn: Callable[[], object], min_run_time: float) -> tuple[float, int]:
-    """Median wall time of `fn` in ms and the number of timed runs behind it."""
-    measurement = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return measurement.median * 1e3, len(measurement.times)
+def median_ms(calls: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, tuple[float, int]]:
+    """Median wall time of each call in ms, and the number of runs behind it.
+
+    The calls take turns, `--rounds` times, so that load from other processes on the shared cores falls on all
+    backends of a row alike rather than on whichever ran during a busy spell.
+    """
+    timers = {name: Timer("fn()", globals={"fn": fn}) for name, fn in calls.items()}
+    # One warm-up run each, which also sets how many runs make a block of about min_run_time / rounds.
+    number = {
+        name: max(1, int(args.min_run_time / args.rounds / timer.timeit(1).mean)) for name, timer in timers.items()
+    }
+    blocks: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.rounds):
+        for name, timer in timers.items():
+            blocks[name].append(timer.timeit(number[name]).mean)
+    return {name: (statistics.median(times) * 1e3, args.rounds * number[name]) for name, times in blocks.items()}
 
 
 def bench_size(num_points: int, batch: int, args: argparse.Namespace) -> list[dict]:
@@ -81,7 +98,7 @@ def bench_size(num_points: int, batch: int, args: argparse.Namespace) -> list[di
     }
     rows = []
     for op, by_backend in calls.items():
-        times = {name: median_ms(fn, args.min_run_time) for name, fn in by_backend.items()}
+        times = median_ms(by_backend, args)
         fastest = min(ms for ms, _ in times.values())
         rows.append(
             {
@@ -113,7 +130,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     header = [
         f"Geometry kernels on {meta['device_name']} ({meta['threads']} torch threads, load average {meta['load_average_before']} before the run), "
         f"{meta['date']}. FPS: N → N/2; kNN: N/2 queries, k={meta['k']}; group: gather of (B, N/2, k, {meta['channels']}) "
-        "features, forward + backward. Median wall time (ratio to the row's fastest); `auto` = what `backend=None` runs.",
+        f"features, forward + backward. Median wall time of {meta['rounds']} interleaved blocks (ratio to the row's fastest); `auto` = what `backend=None` runs.",
         "",
         "| op | N | B | torch | fpsample | torch_cluster | auto |",
         "|---|---|---|---|---|---|---|",
@@ -134,6 +151,7 @@ def main() -> None:
         "k": args.k,
         "channels": args.channels,
         "min_run_time_s": args.min_run_time,
+        "rounds": args.rounds,
     }
     print(markdown([], meta), end="", flush=True)
     rows = []
