@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(f"Data: {data.dataset} from {data.source}: {len(data.train)} train / {len(data.test)} test")
     train_loader, test_loader = make_dataloaders(data, args.batch_size, args.seed)
     augment = train_augmentation(data.dataset)
-    augment_generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
+    augment_generator = torch.Generator(accelerator.device).manual_seed(args.seed + accelerator.process_index)
 
     # Model: the frozen backbone with an Any2Point adapter.
     config = Any2PointConfig(
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         progress, history = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, augment_generator)
         accelerator.print(f"Resumed from {checkpoint}: epoch {progress.epoch}, step {progress.step}")
 
+    save_every = int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdigit() else None
     bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
     metrics, clock = None, time.perf_counter()  # progress.elapsed_s accumulates wall time across resumptions
 
@@ -172,15 +173,14 @@ def main(argv: list[str] | None = None) -> dict:
                 progress.step += 1
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-                if (
-                    args.checkpointing_steps not in (None, "epoch")
-                    and progress.step % int(args.checkpointing_steps) == 0
-                ):
+                if save_every and progress.step % save_every == 0:
                     tick()
                     save_checkpoint(
                         output_dir, accelerator, model, optimizer, scheduler, augment_generator, progress, history
                     )
-        epoch_seconds = time.perf_counter() - epoch_start
+        samples_per_second = (
+            epoch_batches * args.batch_size * accelerator.num_processes / (time.perf_counter() - epoch_start)
+        )
 
         metrics = point_cloud_metrics(*predict(model, test_loader, accelerator), data.class_names)
         tick()
@@ -194,10 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "test_accuracy": metrics["accuracy"],
                 "test_mean_class_accuracy": metrics["mean_class_accuracy"],
                 "test_samples": metrics["num_samples"],
-                "train_samples_per_second": epoch_batches
-                * args.batch_size
-                * accelerator.num_processes
-                / max(epoch_seconds, 1e-9),
+                "train_samples_per_second": samples_per_second,
                 "wall_time_s": progress.elapsed_s,
             }
         )
@@ -231,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_processes": accelerator.num_processes,
         "any2point_config": config.to_dict(),
         "trainable_params": trainable_params,
-        "total_params": total_params,
+        "total_params": total_params,  # backbone (including its unused token-embedding table) + adapter
     }
     if accelerator.is_main_process:
         adapter_file = save_adapter(accelerator.unwrap_model(model), output_dir)
@@ -239,7 +236,10 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(output_dir / "results.json", results)
         plot_confusion_matrix(metrics["confusion_matrix"], data.class_names, output_dir / "confusion_matrix.png")
         plot_training_curves(history, output_dir / "training_curves.png")
-        accelerator.print(f"Adapter, metrics and plots in {output_dir}")
+        accelerator.print(
+            f"Done in {progress.elapsed_s:.0f} s; test OA {metrics['accuracy']:.4f} on {data.dataset} "
+            f"({data.source}). Adapter, metrics and plots in {output_dir}"
+        )
         if args.push_to_hub:
             url = push_adapter_to_hub(
                 output_dir,

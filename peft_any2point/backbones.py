@@ -53,7 +53,8 @@ _ROTARY_NAMES = ("rotary_emb", "rotary_embedding", "rotary_embeddings")
 class BackboneSpec:
     """The parts of a backbone that the Any2Point forward runs, and how its position table is laid out.
 
-    `position_table` is a frozen view of the backbone's own table (never a copy): rows `[0, num_special_positions)`
+    `position_table` is a frozen view of the backbone's own table parameter `position_weight` (never a copy, and
+    taken at each use, so that it follows the backbone to another device): rows `[0, num_special_positions)`
     are special slots (class/distillation tokens), the rest is a 1D sequence or a row-major `grid_shape` grid.
     Rotary backbones have no table: `max_positions` is the sequence length they were trained for, and
     `rotary_layer_types` names, per block, the rotary variant to ask for (ModernBERT's global/local layers), or is
@@ -65,7 +66,7 @@ class BackboneSpec:
     num_layers: int
     blocks: nn.ModuleList
     layout: Layout
-    position_table: Tensor | None
+    position_weight: nn.Parameter | None
     num_special_positions: int
     grid_shape: tuple[int, int] | None
     input_norm: nn.Module | None
@@ -74,6 +75,13 @@ class BackboneSpec:
     causal_attention: bool
     max_positions: int | None = None
     rotary_layer_types: tuple[str, ...] | None = None
+
+    @property
+    def position_table(self) -> Tensor | None:
+        """The position table as (positions, width), detached from autograd."""
+        if self.position_weight is None:
+            return None
+        return self.position_weight.detach().reshape(-1, self.position_weight.shape[-1])
 
     @property
     def grid_table(self) -> Tensor | None:
@@ -122,15 +130,14 @@ def _vector_weight_width(module: nn.Module) -> int | None:
     return weight.shape[0] if isinstance(weight, Tensor) and weight.dim() == 1 else None
 
 
-def _find_position_table(model: nn.Module, blocks: nn.ModuleList) -> Tensor | None:
+def _find_position_table(model: nn.Module, blocks: nn.ModuleList) -> nn.Parameter | None:
     excluded = {id(p) for p in blocks.parameters()}
     params = {n: p for n, p in model.named_parameters() if id(p) not in excluded}
     for suffix in _POSITION_TABLE_NAMES:
         for name, param in params.items():
             stem = name.removesuffix(".weight")
             if stem == suffix or stem.endswith("." + suffix):
-                table = param.detach()
-                return table.reshape(-1, table.shape[-1])
+                return param
     return None
 
 
@@ -221,10 +228,11 @@ def resolve_backbone(model: nn.Module) -> BackboneSpec:
             )
         grid = _grid_shape(model, config)
         if grid is not None:
-            num_special = table.shape[0] - grid[0] * grid[1]
+            num_rows = table[..., 0].numel()
+            num_special = num_rows - grid[0] * grid[1]
             if num_special < 0:
                 raise ValueError(
-                    f"{type(model).__name__}: position table has {table.shape[0]} rows, fewer than its "
+                    f"{type(model).__name__}: position table has {num_rows} rows, fewer than its "
                     f"{grid[0]}x{grid[1]} patch grid"
                 )
         layout: Layout = "2d" if grid is not None else "1d"
@@ -255,7 +263,7 @@ def resolve_backbone(model: nn.Module) -> BackboneSpec:
         num_layers=len(blocks),
         blocks=blocks,
         layout=layout,
-        position_table=table,
+        position_weight=table,
         num_special_positions=num_special,
         grid_shape=grid,
         input_norm=input_norm[1] if input_norm else None,

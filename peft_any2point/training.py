@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 
 from peft_any2point.data import DATA_DIR_ENV, DEFAULT_DATA_DIR, load_point_cloud_dataset, resolve_data_dir
+from peft_any2point.hub import ADAPTER_FILES
 from peft_any2point.io import atomic_path, atomic_write_text
 from peft_any2point.metrics import load_point_cloud_metric
 from peft_any2point.transforms import Compose, RandomRotation, RandomScaleTranslate
@@ -46,7 +47,6 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 TRAINABLE_FILE = "trainable_state.safetensors"
 TRAINING_STATE_FILE = "training_state.pt"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 METRICS_LOG = "metrics.jsonl"
 
 
@@ -201,12 +201,15 @@ class TrainingProgress:
 
 
 def rng_state(augment_generator: torch.Generator) -> dict[str, Any]:
-    """Every random stream a training step draws from: Python, numpy, torch (dropout) and the augmentation."""
+    """Every random stream a training step draws from: Python, numpy, torch and CUDA (dropout), the augmentation.
+
+    The augmentation generator lives on the device of the points it perturbs (torch samples there)."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "augment": augment_generator.get_state(),
+        **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
     }
 
 
@@ -215,6 +218,8 @@ def restore_rng_state(state: Mapping[str, Any], augment_generator: torch.Generat
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     augment_generator.set_state(state["augment"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(
@@ -330,7 +335,7 @@ def predict(
     """
     if num_votes > 1 and augment is None:
         raise ValueError("voting needs an augmentation to vary the copies")
-    generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+    generator = torch.Generator(accelerator.device).manual_seed(seed + accelerator.process_index)
     model.eval()
     all_logits, all_labels = [], []
     for batch in dataloader:
@@ -370,7 +375,7 @@ def save_adapter(model: torch.nn.Module, output_dir: str | os.PathLike) -> Path:
     os.umask(umask)
     with tempfile.TemporaryDirectory(prefix=".adapter.", dir=output_dir) as scratch:
         model.save_pretrained(scratch)
-        for name in ADAPTER_FILES[::-1]:  # weights first: the config is what marks an adapter folder as loadable
+        for name in ADAPTER_FILES:
             (Path(scratch) / name).chmod(0o666 & ~umask)  # the permissions a plain open() would give
             os.replace(Path(scratch) / name, output_dir / name)
     return output_dir / "adapter_model.safetensors"

@@ -249,6 +249,20 @@ def test_bad_labels_raise_value_error(points):
         attach("bert")(points=points, labels=torch.tensor([0, 1, 5]))
 
 
+@pytest.mark.parametrize(
+    ("name", "table_name"),
+    [("bert", "embeddings.position_embeddings.weight"), ("vit", "embeddings.position_embeddings")],
+)
+def test_moving_the_model_after_attaching_moves_the_position_table_it_reads(name, table_name):
+    """`.to()` after `get_peft_model` (what accelerate's `prepare` does for a GPU) must carry the table along."""
+    model = attach(name)
+    model.double()  # stands in for a device move: both replace every parameter's storage
+    spec = model.base_model.backbone_spec
+    weight = model.get_base_model().get_parameter(table_name)
+    assert weight.dtype == spec.position_table.dtype == torch.float64
+    assert spec.position_table.data_ptr() == weight.data_ptr()  # still the backbone's own table, not a stale copy
+
+
 def test_bf16_autocast_on_cpu(points):
     model = attach("bert")
     with torch.autocast("cpu", dtype=torch.bfloat16):
