@@ -12,14 +12,14 @@ import argparse
 import json
 from pathlib import Path
 
-from peft import PeftConfig, PeftModel
 from torch.utils.data import DataLoader
-from transformers import AutoModel
 
 import peft_any2point  # noqa: F401  (registers the Any2Point method with peft; import before loading)
 from peft_any2point.data import DATASET_NAMES
 from peft_any2point.training import (
+    check_num_labels,
     create_accelerator,
+    load_adapter,
     load_split,
     point_cloud_metrics,
     predict,
@@ -51,18 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = create_accelerator(args.mixed_precision)
-    base = args.model_name_or_path or PeftConfig.from_pretrained(args.adapter_path).base_model_name_or_path
-    model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), args.adapter_path)
+    model, base = load_adapter(args.adapter_path, args.model_name_or_path)
 
     dataset, source = resolve_dataset(args.dataset, args.data_dir)
     test = load_split(dataset, "test", args.data_dir, args.num_points, args.max_eval_samples, args.seed)
     class_names = test.features["labels"].names
-    num_labels = model.peft_config[model.active_adapter].num_labels
-    if num_labels != len(class_names):
-        raise ValueError(
-            f"the adapter classifies {num_labels} classes but {dataset} has {len(class_names)}; "
-            "evaluate it on the dataset it was trained for"
-        )
+    check_num_labels(model, dataset, class_names)
     accelerator.print(f"Evaluating {args.adapter_path} on {base}; data: {dataset} from {source}, {len(test)} clouds")
     model, loader = accelerator.prepare(model, DataLoader(test, batch_size=args.batch_size))
     logits, labels = predict(model, loader, accelerator, args.voting, train_augmentation(dataset), args.seed)

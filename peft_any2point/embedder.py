@@ -8,31 +8,44 @@ divides the stage's FLOPs by k compared with running an MLP on every (centre, ne
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from peft_any2point.ops import farthest_point_sampling, gather_points, knn_indices
 
 
+_MIN_SPREAD = 1e-5  # keeps a cloud whose points all coincide finite
+
+
 class TrigonometricEncoding(nn.Module):
-    """Parameter-free sin/cos encoding of xyz at `dim // 6` geometric frequencies per axis."""
+    """Parameter-free sin/cos encoding of xyz at `ceil(dim / 6)` geometric frequencies per axis, cut to `dim`."""
 
     def __init__(self, dim: int, alpha: float, beta: float) -> None:
         super().__init__()
-        num_frequencies = dim // 6
+        self.dim = dim
+        num_frequencies = math.ceil(dim / 6)
         exponents = torch.arange(num_frequencies, dtype=torch.float32) / num_frequencies
         self.register_buffer("frequencies", beta / alpha**exponents, persistent=False)
 
     def forward(self, xyz: Tensor) -> Tensor:
         angles = xyz.float().unsqueeze(-1) * self.frequencies  # (..., 3, F)
-        return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (..., 6F)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)[..., : self.dim]  # (..., dim)
+
+
+# Frequencies of the encoding of neighbour offsets, which are normalised to unit spread: periods from 2π to 200π.
+RELATIVE_ALPHA, RELATIVE_BETA = 100.0, 1.0
 
 
 class GroupingStage(nn.Module):
     """One embedder stage: FPS centres, kNN groups, pooled relative features.
 
-    For a centre c with neighbours j the pre-activation is `A f_j - B f_c + P (x_j - x_c)`: a learned function of
-    the neighbour, the centre and their offset, computed as point-wise maps before grouping.
+    Offsets `d = (x_j - x_c) / s` are normalised by the cloud's group spread `s` (their standard deviation), so
+    that every stage sees unit-scale local geometry however small its neighbourhoods are. For a centre c with
+    neighbours j the feature is `g = GELU(A f_j - B f_c + P d)`, weighted by a sin/cos encoding of the offset as
+    in Point-PN, `(g + E(d)) * E(d)`, then max+mean pooled. The linear maps run on the N point features before
+    grouping (they commute with gathering); per neighbour only element-wise work remains.
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_neighbors: int) -> None:
@@ -41,6 +54,7 @@ class GroupingStage(nn.Module):
         self.neighbor_proj = nn.Linear(in_dim, out_dim)
         self.centre_proj = nn.Linear(in_dim, out_dim, bias=False)
         self.offset_proj = nn.Linear(3, out_dim, bias=False)
+        self.offset_encoding = TrigonometricEncoding(out_dim, RELATIVE_ALPHA, RELATIVE_BETA)
         self.act = nn.GELU()
         self.norm = nn.LayerNorm(out_dim)
         self.mixer = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU())
@@ -50,10 +64,14 @@ class GroupingStage(nn.Module):
             centre_index = farthest_point_sampling(xyz, num_centres)  # (B, M)
             centres = gather_points(xyz, centre_index)  # (B, M, 3)
             neighbor_index = knn_indices(centres, xyz, min(self.num_neighbors, xyz.shape[1]))  # (B, M, k)
-        offsets = self.offset_proj(xyz)  # (B, N, C)
-        point_terms = self.neighbor_proj(features) + offsets  # (B, N, C)
-        centre_terms = self.centre_proj(gather_points(features, centre_index)) + gather_points(offsets, centre_index)
+            offsets = gather_points(xyz, neighbor_index) - centres.unsqueeze(2)  # (B, M, k, 3)
+            spread = offsets.flatten(1).std(dim=1).add(_MIN_SPREAD)[:, None, None]  # (B, 1, 1)
+        scaled = self.offset_proj(xyz / spread)  # (B, N, C): P d = P x_j / s - P x_c / s
+        point_terms = self.neighbor_proj(features) + scaled
+        centre_terms = self.centre_proj(gather_points(features, centre_index)) + gather_points(scaled, centre_index)
         grouped = self.act(gather_points(point_terms, neighbor_index) - centre_terms.unsqueeze(2))  # (B, M, k, C)
+        weight = self.offset_encoding(offsets / spread.unsqueeze(-1)).to(grouped.dtype)
+        grouped = (grouped + weight) * weight
         pooled = self.norm(grouped.amax(dim=2) + grouped.mean(dim=2))  # (B, M, C)
         return centres, pooled + self.mixer(pooled)
 

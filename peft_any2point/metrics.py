@@ -102,7 +102,7 @@ def plot_confusion_matrix(
             if count:
                 colour = "white" if normalised[row, col] > 0.5 else "black"
                 ax.text(col, row, f"{count:g}", ha="center", va="center", fontsize=8, color=colour)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_training_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
@@ -135,7 +135,7 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], path: str | os.Pa
         ax.set(xlabel=x_key or "record", title=quantity)
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def _quantity(key: str) -> str | None:
@@ -146,7 +146,7 @@ def _quantity(key: str) -> str | None:
     return "learning_rate" if quantity in ("learning_rate", "lr") else None
 
 
-def _save_png(fig: Figure, path: str | os.PathLike) -> Path:
+def save_png(fig: Figure, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     return Path(path)

@@ -376,7 +376,7 @@ class Any2PointModel(BaseTuner):
             cls_token = cls_token + spec.cls_position.to(cls_token.dtype)
         hidden = torch.cat([cls_token, tokens], dim=1)  # (B, 1 + T, D)
 
-        backbone_dtype = spec.blocks[0].parameters().__next__().dtype
+        backbone_dtype = next(spec.blocks[0].parameters()).dtype
         hidden = hidden.to(backbone_dtype)
         if spec.input_norm is not None:
             hidden = spec.input_norm(hidden)
@@ -386,11 +386,17 @@ class Any2PointModel(BaseTuner):
         mask = full_attention_mask(spec, hidden)
         rotary = self._rotary_embeddings(modules, config, views, hidden) if spec.layout == "rotary" else None
         adapter_dtype = modules.cls_token.dtype
-        for index, block in enumerate(spec.blocks):
-            extra = {"position_embeddings": rotary[index]} if rotary is not None else {}
-            hidden = run_block(block, hidden, mask, **extra)
-            if config.use_adapter:
-                hidden = modules.adapters[index](hidden.to(adapter_dtype), geometry).to(backbone_dtype)
+        blocks_training = spec.blocks.training
+        if not config.backbone_dropout:
+            spec.blocks.eval()
+        try:
+            for index, block in enumerate(spec.blocks):
+                extra = {"position_embeddings": rotary[index]} if rotary is not None else {}
+                hidden = run_block(block, hidden, mask, **extra)
+                if config.use_adapter:
+                    hidden = modules.adapters[index](hidden.to(adapter_dtype), geometry).to(backbone_dtype)
+        finally:
+            spec.blocks.train(blocks_training)
 
         hidden = modules.norm(hidden.to(adapter_dtype))
         logits = modules.head(hidden)

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
+from transformers import AutoModel
 
 from peft_any2point.data import DATA_DIR_ENV, DEFAULT_DATA_DIR, load_point_cloud_dataset, resolve_data_dir
 from peft_any2point.hub import ADAPTER_FILES
@@ -316,6 +317,23 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLik
 
 
 # ----- evaluation ------------------------------------------------------------------------------------------------
+
+
+def load_adapter(adapter_path: str, model_name_or_path: str | None = None) -> tuple[PeftModel, str]:
+    """A saved adapter on its base model (the one its `adapter_config.json` names, unless overridden), and that
+    base model's name or path."""
+    base = model_name_or_path or PeftConfig.from_pretrained(adapter_path).base_model_name_or_path
+    return PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter_path), base
+
+
+def check_num_labels(model: PeftModel, dataset: str, class_names: Sequence[str]) -> None:
+    """Refuse to score an adapter on a dataset with another number of classes (its logits would mean nothing)."""
+    num_labels = model.peft_config[model.active_adapter].num_labels
+    if num_labels != len(class_names):
+        raise ValueError(
+            f"the adapter classifies {num_labels} classes but {dataset} has {len(class_names)}; "
+            "evaluate it on the dataset it was trained for"
+        )
 
 
 @torch.no_grad()

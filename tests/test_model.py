@@ -263,6 +263,18 @@ def test_moving_the_model_after_attaching_moves_the_position_table_it_reads(name
     assert spec.position_table.data_ptr() == weight.data_ptr()  # still the backbone's own table, not a stale copy
 
 
+def test_frozen_blocks_skip_their_dropout_unless_asked(points):
+    """With the adapter's and head's own dropout off, training-mode logits equal eval-mode logits exactly when the
+    backbone's dropout is off (the default), and differ when `backbone_dropout=True`; the mode is restored."""
+    for backbone_dropout in (False, True):
+        model = attach("bert", adapter_dropout=0.0, head_dropout=0.0, backbone_dropout=backbone_dropout)
+        expected = model.eval()(points=points).logits
+        torch.manual_seed(0)
+        trained = model.train()(points=points).logits
+        assert torch.equal(trained, expected) is not backbone_dropout
+        assert model.base_model.backbone_spec.blocks.training
+
+
 def test_bf16_autocast_on_cpu(points):
     model = attach("bert")
     with torch.autocast("cpu", dtype=torch.bfloat16):

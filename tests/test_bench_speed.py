@@ -1,0 +1,139 @@
+"""The speed benchmark in its quick mode on a tiny random BERT: the report it writes, and its FLOP and parameter counts
+checked against closed-form counts. No wall-clock thresholds: the cores are shared."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from benchmarks import bench_speed
+
+
+BERT_BASE_PARAMETERS = 109_482_240  # BertModel(BertConfig()): bert-base-uncased with its pooler
+
+
+@pytest.fixture(scope="module")
+def output_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("speed")
+    threads = torch.get_num_threads()
+    try:
+        bench_speed.main(
+            [
+                "--quick",
+                "--backbone",
+                "tiny",
+                "--output_dir",
+                str(out),
+                "--min_run_time",
+                "0.05",
+                "--matmul_size",
+                "256",
+                "--threads",
+                "1",
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)  # main sets the process-wide thread count
+    return out
+
+
+@pytest.fixture(scope="module")
+def result(output_dir: Path) -> dict[str, Any]:
+    return json.loads((output_dir / "speed_quick.json").read_text())
+
+
+def bert_flops(batch: int, seq: int, train: bool) -> int:
+    """Matmul FLOPs of the tiny BERT on (batch, seq) input embeddings, from its shapes.
+
+    Per layer: Q, K, V and output projections, two FFN matmuls, and QK^T + AV (4·B·S²·D over all heads); the
+    pooler maps the class token. A frozen training step adds the input gradients only: each projection once more,
+    attention twice more (four matmuls); the pooler gets no gradient, as the loss reads the last hidden states.
+    """
+    hidden, layers, inner = (
+        bench_speed.TINY_BERT[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size")
+    )
+    linear = 2 * batch * seq * (4 * hidden * hidden + 2 * hidden * inner)
+    attention = 4 * batch * seq * seq * hidden
+    forward = layers * (linear + attention) + 2 * batch * hidden * hidden
+    return forward + layers * (linear + 2 * attention) if train else forward
+
+
+def test_linear_flops_are_2mnk() -> None:
+    m, k, n = 7, 5, 3
+    layer = nn.Linear(k, n)
+    assert bench_speed.count_flops(lambda: layer(torch.randn(m, k))) == 2 * m * n * k
+
+
+def test_cpu_attention_flops_are_counted() -> None:
+    batch, heads, seq, dim = 2, 3, 8, 4
+    q = torch.randn(batch, heads, seq, dim, requires_grad=True)
+    forward = 4 * batch * heads * seq * seq * dim  # QK^T and AV
+    with torch.no_grad():
+        assert bench_speed.count_flops(lambda: nn.functional.scaled_dot_product_attention(q, q, q)) == forward
+    # backward, flash-style: recompute QK^T, then the gradients of the scores, V, Q and K (five matmuls of that size)
+    assert bench_speed.count_flops(lambda: nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()) == (
+        forward + 5 * forward // 2
+    )
+
+
+def test_bare_backbone_flops_match_closed_form(result: dict[str, Any]) -> None:
+    meta = result["meta"]
+    seq = 1 + meta["num_tokens"]
+    for row in result["steps"]:
+        if row["model"] == "bare":
+            assert row["flops"] == bert_flops(meta["batch_size"], seq, row["mode"] == "train"), row
+
+
+def test_report_has_every_step_with_consistent_numbers(result: dict[str, Any], output_dir: Path) -> None:
+    steps = {(r["model"], r["mode"], r["precision"]): r for r in result["steps"]}
+    assert set(steps) == {
+        (m, mode, p) for m in ("bare", "any2point") for mode in ("inference", "train") for p in ("fp32", "bf16")
+    }
+    batch = result["meta"]["batch_size"]
+    for (model, mode, precision), row in steps.items():
+        assert row["median_ms"] > 0 and row["runs"] >= 1
+        assert math.isclose(row["samples_per_s"], batch / row["median_ms"] * 1e3)
+        peak = result["peak"][precision]["gflops"]
+        assert math.isclose(row["fraction_of_peak"], row["flops"] / row["median_ms"] / 1e6 / peak)
+        if model == "any2point":
+            bare = steps["bare", mode, precision]
+            assert math.isclose(row["throughput_vs_bare"], row["samples_per_s"] / bare["samples_per_s"])
+            # Any2Point runs the same blocks (no pooler) plus embedder, adapters and head.
+            assert row["flops"] > bare["flops"] - 2 * batch * bench_speed.TINY_BERT["hidden_size"] ** 2
+    assert steps["any2point", "train", "fp32"]["flops"] > steps["any2point", "inference", "fp32"]["flops"]
+    assert all(p["gflops"] > 0 for p in result["peak"].values())
+    assert "| any2point | train | bf16 |" in (output_dir / "speed_quick.md").read_text()
+
+
+def test_breakdown_covers_the_whole_step(result: dict[str, Any]) -> None:
+    assert set(result["breakdown"]) == {"inference fp32", "inference bf16", "train fp32", "train bf16"}
+    for kind, breakdown in result["breakdown"].items():
+        parts = breakdown["parts"]
+        assert math.isclose(sum(p["share"] for p in parts.values()), 1.0), kind
+        assert math.isclose(sum(p["ms"] for p in parts.values()), breakdown["step_ms"]), kind
+        for name in ("embedder: layers", "embedder: FPS", "embedder: kNN", "backbone blocks", "adapters", "head"):
+            assert parts[name]["forward_ms"] > 0, (kind, name)
+        if kind.startswith("train"):
+            for name in ("embedder: layers", "backbone blocks", "adapters", "head"):
+                assert parts[name]["backward_ms"] > 0, (kind, name)
+            assert parts["optimizer"]["ms"] > 0
+        else:
+            assert parts["optimizer"]["ms"] == 0 and parts["backbone blocks"]["backward_ms"] == 0
+
+
+def test_parameter_counts(result: dict[str, Any]) -> None:
+    tiny_total = sum(p.numel() for p in BertModel(BertConfig(**bench_speed.TINY_BERT)).parameters())
+    expected_backbone = {"tiny": tiny_total, "bert-base (random, 768×12)": BERT_BASE_PARAMETERS}
+    for name, counts in result["parameters"].items():
+        assert counts["total"] - counts["trainable"] == expected_backbone[name]
+        assert counts["trainable"] == sum(counts["trainable_by_part"].values())
+        assert counts["total_without_word_embeddings"] == counts["total"] - counts["word_embeddings"]
+        # fp32 tensors plus a safetensors header of names and shapes
+        assert 4 * counts["trainable"] < counts["adapter_file_bytes"] < 4 * counts["trainable"] + 2**16

@@ -1,0 +1,83 @@
+"""The 3D embedder against a naive per-(centre, neighbour) computation, and its edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from peft_any2point.embedder import RELATIVE_ALPHA, RELATIVE_BETA, GroupingStage, PointEmbedder
+from peft_any2point.ops import farthest_point_sampling, knn_indices
+
+
+def sincos(values: torch.Tensor, dim: int, alpha: float, beta: float) -> torch.Tensor:
+    """sin/cos of each coordinate at `ceil(dim / 6)` geometric frequencies, element by element, first `dim` kept."""
+    count = math.ceil(dim / 6)
+    parts = []
+    for value in values.tolist():
+        angles = [beta / alpha ** (i / count) * value for i in range(count)]
+        parts += [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
+    return torch.tensor(parts[:dim])
+
+
+def test_stage_matches_a_naive_loop_over_centres_and_neighbours():
+    torch.manual_seed(0)
+    batch, num_points, in_dim, out_dim, k, num_centres = 2, 40, 12, 16, 5, 8  # 16: not a multiple of 6
+    stage = GroupingStage(in_dim, out_dim, k).double()
+    xyz = torch.randn(batch, num_points, 3, dtype=torch.float64)
+    features = torch.randn(batch, num_points, in_dim, dtype=torch.float64)
+    centres, pooled = stage(xyz, features, num_centres)
+
+    A, b = stage.neighbor_proj.weight, stage.neighbor_proj.bias
+    B, P = stage.centre_proj.weight, stage.offset_proj.weight
+    for cloud in range(batch):
+        centre_index = farthest_point_sampling(xyz[cloud : cloud + 1], num_centres)[0]
+        neighbors = knn_indices(xyz[cloud : cloud + 1, centre_index], xyz[cloud : cloud + 1], k)[0]
+        offsets = [[xyz[cloud, j] - xyz[cloud, c] for j in neighbors[m]] for m, c in enumerate(centre_index)]
+        spread = torch.stack([d for row in offsets for d in row]).flatten().std() + 1e-5
+        for m, c in enumerate(centre_index.tolist()):
+            torch.testing.assert_close(centres[cloud, m], xyz[cloud, c])
+            rows = []
+            for j, d in zip(neighbors[m].tolist(), offsets[m], strict=True):
+                g = F.gelu(A @ features[cloud, j] + b - B @ features[cloud, c] + P @ (d / spread))
+                e = sincos(d / spread, out_dim, RELATIVE_ALPHA, RELATIVE_BETA).double()
+                rows.append((g + e) * e)
+            rows = torch.stack(rows)
+            expected = stage.norm(rows.max(dim=0).values + rows.mean(dim=0))
+            expected = expected + stage.mixer(expected)
+            torch.testing.assert_close(pooled[cloud, m], expected, rtol=1e-5, atol=1e-6)  # encodings run in fp32
+
+
+def test_embedder_tokens_and_centres_from_the_input_cloud():
+    torch.manual_seed(1)
+    embedder = PointEmbedder(
+        hidden_size=32,
+        num_tokens=8,
+        stage_widths=[12, 24],
+        num_neighbors=4,
+        encoding_dim=12,
+        trig_alpha=1000,
+        trig_beta=100,
+    )
+    assert embedder.centres_per_stage == [16, 8]
+    points = torch.randn(3, 64, 3)
+    tokens, centres = embedder(points)
+    assert tokens.shape == (3, 8, 32) and centres.shape == (3, 8, 3)
+    # every token centre is one of the input points
+    assert (centres[:, :, None] == points[:, None]).all(dim=-1).any(dim=-1).all()
+
+
+def test_embedder_stays_finite_when_all_points_coincide():
+    embedder = PointEmbedder(
+        hidden_size=32,
+        num_tokens=8,
+        stage_widths=[12, 24],
+        num_neighbors=4,
+        encoding_dim=12,
+        trig_alpha=1000,
+        trig_beta=100,
+    )
+    tokens, centres = embedder(torch.full((2, 64, 3), 0.3))
+    assert torch.isfinite(tokens).all()
+    torch.testing.assert_close(centres, torch.full((2, 8, 3), 0.3))
