@@ -5,7 +5,8 @@ tests train and round-trip) and the positions that projection spreads points ove
 default config (built on the meta device: no weights, no download). Real-weight rows are the backbones that
 `tests/test_real_backbones_train.py` trains on ModelNet40.
 
-Run `python -m benchmarks.backbones_table`; it prints the table and writes `benchmarks/results/backbones.md`.
+Run `python -m benchmarks.backbones_table`; it prints the table, writes `benchmarks/results/backbones.md` and puts
+it into README.md between the `backbones-table` markers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from tests.conftest import BACKBONES, make_backbone
 
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "backbones.md"
+README_PATH = Path(__file__).resolve().parent.parent / "README.md"
+README_MARKERS = ("<!-- backbones-table:start -->\n", "<!-- backbones-table:end -->")
 # Matrix entry -> the real pre-trained backbone of that architecture trained in tests/test_real_backbones_train.py.
 REAL_WEIGHTS = {
     "bert": "all-MiniLM-L6-v2 (1D 512)",
@@ -90,9 +93,19 @@ def to_markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_table(readme: str, table: str) -> str:
+    """README text with `table` between the markers (which must be there)."""
+    start, end = README_MARKERS
+    head, found, rest = readme.partition(start)
+    if not found or end not in rest:
+        raise ValueError(f"README.md lacks the markers {start.strip()} ... {end}")
+    return head + start + table + end + rest.split(end, 1)[1]
+
+
 def main() -> None:
     table = to_markdown(build_rows())
     atomic_write_text(RESULTS_PATH, table)
+    atomic_write_text(README_PATH, with_table(README_PATH.read_text(encoding="utf-8"), table))
     print(table)
 
 

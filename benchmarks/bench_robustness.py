@@ -174,7 +174,7 @@ def machine_name(accelerator: Accelerator) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     accelerator = create_accelerator(args.mixed_precision)
-    model, base = load_adapter(args.adapter_path, args.model_name_or_path)
+    model, base = load_adapter(args.adapter_path, args.model_name_or_path, accelerator.device)
     num_points = args.num_points or trained_num_points(args.adapter_path)
     if num_points is None:
         raise ValueError(

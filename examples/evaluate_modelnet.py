@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = create_accelerator(args.mixed_precision)
-    model, base = load_adapter(args.adapter_path, args.model_name_or_path)
+    model, base = load_adapter(args.adapter_path, args.model_name_or_path, accelerator.device)
 
     dataset, source = resolve_dataset(args.dataset, args.data_dir)
     test = load_split(dataset, "test", args.data_dir, args.num_points, args.max_eval_samples, args.seed)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 from tqdm.auto import tqdm
-from transformers import AutoModel, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
 import peft_any2point  # noqa: F401  (registers the Any2Point method with peft)
 from peft_any2point import Any2PointConfig
@@ -30,6 +30,7 @@ from peft_any2point.training import (
     bundled_minilm_path,
     create_accelerator,
     hub_base_model_id,
+    load_backbone,
     load_checkpoint,
     load_train_test,
     make_dataloaders,
@@ -79,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter_dim", type=int, default=16)
     parser.add_argument("--projection", default="auto", choices=("auto", "1d", "2d", "learned", "none"))
     parser.add_argument("--label_smoothing", type=float, default=0.0)
+    parser.add_argument("--head_dropout", type=float, default=0.5)
+    parser.add_argument(
+        "--attn_implementation",
+        default="auto",
+        choices=("auto", "eager", "sdpa"),
+        help="Attention of the frozen backbone; auto: eager on the CPU (faster there), the default elsewhere.",
+    )
     # Outputs.
     parser.add_argument("--output_dir", default="outputs/any2point-modelnet40")
     parser.add_argument(
@@ -120,8 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
         adapter_dim=args.adapter_dim,
         projection=args.projection,
         label_smoothing=args.label_smoothing,
+        head_dropout=args.head_dropout,
     )
-    model = get_peft_model(AutoModel.from_pretrained(args.model_name_or_path), config)
+    backbone = load_backbone(args.model_name_or_path, accelerator.device, args.attn_implementation)
+    model = get_peft_model(backbone, config)
     trainable_params, total_params = model.get_nb_trainable_parameters()
     accelerator.print(f"Trainable parameters: {trainable_params:,} of {total_params:,}")
 

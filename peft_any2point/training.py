@@ -81,6 +81,17 @@ def create_accelerator(mixed_precision: str = "no", gradient_accumulation_steps:
     )
 
 
+def load_backbone(model_name_or_path: str, device: torch.device, attn_implementation: str = "auto") -> torch.nn.Module:
+    """The frozen backbone; `"auto"` attention is eager on the CPU and the transformers default elsewhere.
+
+    On the CPU the fused attention kernel's backward is slow for short sequences: a MiniLM training step on 32
+    clouds of 64 tokens took 0.95 s with it and 0.68 s with eager attention (measured here, bf16, 2 cores).
+    """
+    if attn_implementation == "auto":
+        attn_implementation = "eager" if device.type == "cpu" else None
+    return AutoModel.from_pretrained(model_name_or_path, attn_implementation=attn_implementation)
+
+
 # ----- data ------------------------------------------------------------------------------------------------------
 
 
@@ -319,11 +330,17 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLik
 # ----- evaluation ------------------------------------------------------------------------------------------------
 
 
-def load_adapter(adapter_path: str, model_name_or_path: str | None = None) -> tuple[PeftModel, str]:
+def load_adapter(
+    adapter_path: str,
+    model_name_or_path: str | None = None,
+    device: torch.device | None = None,
+    attn_implementation: str = "auto",
+) -> tuple[PeftModel, str]:
     """A saved adapter on its base model (the one its `adapter_config.json` names, unless overridden), and that
     base model's name or path."""
     base = model_name_or_path or PeftConfig.from_pretrained(adapter_path).base_model_name_or_path
-    return PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter_path), base
+    backbone = load_backbone(base, device or torch.device("cpu"), attn_implementation)
+    return PeftModel.from_pretrained(backbone, adapter_path), base
 
 
 def check_num_labels(model: PeftModel, dataset: str, class_names: Sequence[str]) -> None:

@@ -16,3 +16,5 @@ def test_table_has_a_row_per_tested_architecture_and_is_current():
     assert backbones_table.RESULTS_PATH.read_text(encoding="utf-8") == table, (
         "benchmarks/results/backbones.md is stale: run `python -m benchmarks.backbones_table`"
     )
+    readme = backbones_table.README_PATH.read_text(encoding="utf-8")
+    assert backbones_table.with_table(readme, table) == readme, "README's table is stale: run the same command"

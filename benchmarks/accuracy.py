@@ -1,0 +1,183 @@
+"""Accuracy records: `benchmarks/results/accuracy.json` and the report `accuracy.md`, next to the published numbers.
+
+A record is one measured number: backbone, dataset, epochs actually trained out of the schedule's, device, overall
+and mean-class accuracy of the LAST epoch on the test split (no model selection on the test set), with or without
+voting, trainable parameters, adapter bytes and the command that reproduces it.
+
+    python -m benchmarks.accuracy add --run outputs/demo --backbone all-MiniLM-L6-v2 --device "2-core CPU" \\
+        --command "make demo" [--eval_results outputs/demo/eval_results.json] [--note "..."]
+    python -m benchmarks.accuracy add --metrics_log run/metrics.jsonl ...   # a run stopped before its last epoch
+    python -m benchmarks.accuracy report
+
+`add` reads what `examples/train_modelnet.py` writes (`results.json`, or only `metrics.jsonl` for a run that was
+stopped and is to be resumed) and, with `--eval_results`, what `examples/evaluate_modelnet.py` writes (a voting
+record when it used more than one vote). A record with the same backbone, dataset, device, command and voting
+replaces the older one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from peft_any2point.io import atomic_write_text
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RECORDS_FILE = "accuracy.json"
+REPORT_FILE = "accuracy.md"
+KEY_FIELDS = ("backbone", "dataset", "device", "command", "voting")
+
+# DESIGN.md §6: overall accuracy (%), ScanObjectNN PB_T50_RS and ModelNet40 (1k points), as published.
+PUBLISHED = [
+    ("Any2Point", "CLIP-L text", "0.8M", 91.9, 94.3),
+    ("Any2Point", "DINOv2-B", "0.8M", 87.7, 93.2),
+    ("Any2Point", "ImageBind audio", "0.8M", 87.0, 92.7),
+    ("Point-PEFT", "Point-BERT", "0.7M", 89.1, 94.2),
+    ("PointGST", "PointGPT-L", "2.4M", 94.8, 94.8),
+    ("GAPrompt", "Point-BERT", "0.6M", 90.7, 94.5),
+    ("DAPT", "Point-BERT", "1.1M", 85.1, 93.5),
+    ("Point-PN", "from scratch", "0.8M", 87.1, 93.8),
+    ("PointNeXt", "from scratch", "1.4M", 87.7, 94.0),
+]
+
+
+def record_from_run(
+    run: Path | None,
+    metrics_log: Path | None,
+    eval_results: Path | None,
+    backbone: str,
+    device: str,
+    command: str,
+    note: str,
+    scheduled_epochs: int | None = None,
+    trainable_params: int | None = None,
+) -> dict[str, Any]:
+    """One record from a finished run folder, or from the metrics log of a run stopped part-way."""
+    if run is not None:
+        results = json.loads((run / "results.json").read_text(encoding="utf-8"))
+        final, recipe = results["final_epoch"], results["recipe"]
+        record = {
+            "dataset": results["data"]["dataset"],
+            "epochs": final["epoch"],
+            "scheduled_epochs": recipe["num_epochs"],
+            "num_points": results["data"]["num_points"],
+            "overall_accuracy": results["test_metrics"]["accuracy"],
+            "mean_class_accuracy": results["test_metrics"]["mean_class_accuracy"],
+            "test_samples": results["test_metrics"]["num_samples"],
+            "trainable_params": results["trainable_params"],
+            "adapter_bytes": results["adapter_bytes"],
+            "train_samples": results["data"]["num_train"],
+            "wall_time_s": final["wall_time_s"],
+            "voting": False,
+        }
+    else:
+        last = json.loads(metrics_log.read_text(encoding="utf-8").strip().splitlines()[-1])
+        record = {
+            "dataset": "modelnet40",
+            "epochs": last["epoch"],
+            "scheduled_epochs": scheduled_epochs,
+            "trainable_params": trainable_params,
+            "overall_accuracy": last["test_accuracy"],
+            "mean_class_accuracy": last["test_mean_class_accuracy"],
+            "test_samples": last["test_samples"],
+            "wall_time_s": last["wall_time_s"],
+            "voting": False,
+        }
+    if eval_results is not None:
+        evaluated = json.loads(eval_results.read_text(encoding="utf-8"))
+        record.update(
+            overall_accuracy=evaluated["accuracy"],
+            mean_class_accuracy=evaluated["mean_class_accuracy"],
+            test_samples=evaluated["num_samples"],
+            voting=evaluated["voting"] > 1,
+            votes=evaluated["voting"],
+        )
+    return {"backbone": backbone, **record, "device": device, "command": command, "note": note}
+
+
+def merge(records: list[dict[str, Any]], new: dict[str, Any]) -> list[dict[str, Any]]:
+    """`records` with `new` replacing any record of the same key."""
+    key = tuple(new[field] for field in KEY_FIELDS)
+    return [r for r in records if tuple(r.get(field) for field in KEY_FIELDS) != key] + [new]
+
+
+def percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def to_markdown(records: Sequence[dict[str, Any]]) -> str:
+    """Our measured records, then the published table; the epochs column says how far each run got."""
+    lines = [
+        "## Measured here (last epoch, test split)",
+        "",
+        "| backbone | dataset | points | epochs (of schedule) | voting | OA % | mAcc % | trainable | adapter | device "
+        "| command | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in records:
+        epochs = f"{r['epochs']}" + (f" of {r['scheduled_epochs']}" if r.get("scheduled_epochs") else "")
+        trainable = f"{r['trainable_params'] / 1e6:.2f}M" if r.get("trainable_params") else ""
+        size = f"{r['adapter_bytes'] / 1e6:.1f} MB" if r.get("adapter_bytes") else ""
+        voting = f"{r['votes']} votes" if r.get("voting") else "no"
+        lines.append(
+            f"| {r['backbone']} | {r['dataset']} | {r.get('num_points', '')} | {epochs} | {voting} "
+            f"| {percent(r['overall_accuracy'])} | {percent(r['mean_class_accuracy'])} | {trainable} | {size} "
+            f"| {r['device']} | `{r['command']}` | {r.get('note', '')} |"
+        )
+    lines += [
+        "",
+        "## Published (DESIGN.md §6; 300 epochs, the reference picks the best epoch on the test set)",
+        "",
+        "| method | source model | trainable | ScanObjectNN PB_T50_RS OA % | ModelNet40 OA % |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {m} | {s} | {t} | {sonn} | {mn40} |" for m, s, t, sonn, mn40 in PUBLISHED]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--results_dir", type=Path, default=RESULTS)
+    commands = parser.add_subparsers(dest="action", required=True)
+    add = commands.add_parser("add", parents=[shared], help="add or replace a record, then rewrite the report")
+    source = add.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="a finished run folder (results.json)")
+    source.add_argument("--metrics_log", type=Path, help="metrics.jsonl of a run stopped before its end")
+    add.add_argument("--eval_results", type=Path, default=None)
+    add.add_argument("--backbone", required=True)
+    add.add_argument("--device", required=True, help="the machine, in words")
+    add.add_argument("--command", required=True, help="how to reproduce the number")
+    add.add_argument("--note", default="")
+    add.add_argument("--scheduled_epochs", type=int, default=None, help="with --metrics_log: the schedule's length")
+    add.add_argument("--trainable_params", type=int, default=None, help="with --metrics_log")
+    commands.add_parser("report", parents=[shared], help="rewrite accuracy.md from accuracy.json")
+    args = parser.parse_args(argv)
+
+    path = args.results_dir / RECORDS_FILE
+    records = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    if args.action == "add":
+        new = record_from_run(
+            args.run,
+            args.metrics_log,
+            args.eval_results,
+            args.backbone,
+            args.device,
+            args.command,
+            args.note,
+            args.scheduled_epochs,
+            args.trainable_params,
+        )
+        records = merge(records, new)
+        atomic_write_text(path, json.dumps(records, indent=2) + "\n")
+    report = to_markdown(records)
+    atomic_write_text(args.results_dir / REPORT_FILE, report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

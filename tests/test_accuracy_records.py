@@ -1,0 +1,70 @@
+"""Accuracy records: built from what the training and evaluation scripts write, merged by key, reported."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import accuracy
+
+
+def write_run(folder, accuracy_value: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {
+        "final_epoch": {"epoch": 2, "wall_time_s": 500.0},
+        "test_metrics": {"accuracy": accuracy_value, "mean_class_accuracy": 0.5, "num_samples": 800},
+        "data": {"dataset": "modelnet40", "num_train": 9843, "num_points": 512},
+        "recipe": {"num_epochs": 2},
+        "trainable_params": 531864,
+        "adapter_bytes": 2_150_000,
+    }
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_add_replaces_the_record_of_the_same_run_and_keeps_voting_apart(tmp_path):
+    run = tmp_path / "run"
+    write_run(run, 0.61)
+    common = ["--backbone", "MiniLM", "--device", "cpu", "--command", "make demo", "--results_dir", str(tmp_path)]
+    accuracy.main(["add", "--run", str(run), *common])
+    write_run(run, 0.63)  # the same run again: replaces
+    accuracy.main(["add", "--run", str(run), *common])
+    (run / "eval_results.json").write_text(
+        json.dumps({"accuracy": 0.64, "mean_class_accuracy": 0.55, "num_samples": 800, "voting": 10})
+    )
+    accuracy.main(["add", "--run", str(run), "--eval_results", str(run / "eval_results.json"), *common])
+
+    records = json.loads((tmp_path / "accuracy.json").read_text())
+    assert [(r["overall_accuracy"], r["voting"]) for r in records] == [(0.63, False), (0.64, True)]
+    required = {"backbone", "dataset", "epochs", "device", "overall_accuracy", "mean_class_accuracy"}
+    required |= {"trainable_params", "adapter_bytes", "voting", "command"}
+    assert all(required <= set(r) for r in records)
+    report = (tmp_path / "accuracy.md").read_text()
+    assert "| MiniLM | modelnet40 | 512 | 2 of 2 | no | 63.0 | 50.0 | 0.53M | 2.1 MB | cpu | `make demo` |" in report
+    assert "| MiniLM | modelnet40 | 512 | 2 of 2 | 10 votes | 64.0 | 55.0 |" in report
+    assert "| Any2Point | CLIP-L text | 0.8M | 91.9 | 94.3 |" in report
+
+
+def test_a_stopped_run_is_recorded_from_its_metrics_log(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    epochs = [
+        {"epoch": e, "test_accuracy": 0.1 * e, "test_mean_class_accuracy": 0.05 * e, "test_samples": 2468}
+        for e in (1, 2)
+    ]
+    log.write_text("\n".join(json.dumps({**e, "wall_time_s": 56.0 * e["epoch"]}) for e in epochs) + "\n")
+    source = ["--metrics_log", str(log), "--scheduled_epochs", "300"]
+    accuracy.main(
+        [
+            "add",
+            *source,
+            "--backbone",
+            "MiniLM",
+            "--device",
+            "H200",
+            "--command",
+            "sh run.sh",
+            "--results_dir",
+            str(tmp_path),
+        ]
+    )
+    (record,) = json.loads((tmp_path / "accuracy.json").read_text())
+    assert record["epochs"] == 2 and record["scheduled_epochs"] == 300
+    assert record["overall_accuracy"] == 0.2 and record["test_samples"] == 2468
