@@ -61,7 +61,9 @@ def median_ms(calls: dict[str, Callable[[], object]], args: argparse.Namespace) 
     The calls take turns, `--rounds` times, so that load from other processes on the shared cores falls on all
     backends of a row alike rather than on whichever ran during a busy spell.
     """
-    timers = {name: Timer("fn()", globals={"fn": fn}) for name, fn in calls.items()}
+    timers = {
+        name: Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for name, fn in calls.items()
+    }
     # One warm-up run each, which also sets how many runs make a block of about min_run_time / rounds.
     number = {
         name: max(1, int(args.min_run_time / args.rounds / timer.timeit(1).mean)) for name, timer in timers.items()

@@ -135,6 +135,22 @@ def test_resuming_mid_epoch_ends_like_the_uninterrupted_run(trained_run, backbon
     assert final == json.loads((output_dir / "results.json").read_text())["test_metrics"]
 
 
+def test_accelerate_launch_trains_exactly_like_plain_python(trained_run, backbone_dir, tmp_path):
+    """`accelerate launch` (one CPU process) is the documented entry point: same seed, same adapter, bit for bit."""
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1")
+    run_script(
+        TRAIN, "--model_name_or_path", backbone_dir, *DATA_ARGS, *MODEL_ARGS, *RECIPE_ARGS,
+        "--output_dir", tmp_path, launcher=launcher,
+    )  # fmt: skip
+    expected = load_file(trained_run[0] / "adapter_model.safetensors")
+    launched = load_file(tmp_path / "adapter_model.safetensors")
+    assert expected.keys() == launched.keys()
+    assert all(torch.equal(expected[key], launched[key]) for key in expected)
+    assert without_timing(read_jsonl(tmp_path / "metrics.jsonl")) == without_timing(
+        read_jsonl(trained_run[0] / "metrics.jsonl")
+    )
+
+
 def test_two_process_run_evaluates_every_sample_exactly_once(backbone_dir, tmp_path):
     """21 test clouds in batches of 4 over 2 processes: sharding pads the last batch, gathering must drop it."""
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")
