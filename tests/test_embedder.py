@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +45,7 @@ def test_stage_matches_a_naive_loop_over_centres_and_neighbours():
                 e = sincos(d / spread, out_dim, RELATIVE_ALPHA, RELATIVE_BETA).double()
                 rows.append((g + e) * e)
             rows = torch.stack(rows)
-            expected = stage.norm(rows.max(dim=0).values + rows.mean(dim=0))
+            expected = stage.pooling.norm(rows.max(dim=0).values + rows.mean(dim=0))
             expected = expected + stage.mixer(expected)
             torch.testing.assert_close(pooled[cloud, m], expected, rtol=1e-5, atol=1e-6)  # encodings run in fp32
 
@@ -81,3 +82,26 @@ def test_embedder_stays_finite_when_all_points_coincide():
     tokens, centres = embedder(torch.full((2, 64, 3), 0.3))
     assert torch.isfinite(tokens).all()
     torch.testing.assert_close(centres, torch.full((2, 8, 3), 0.3))
+
+
+@pytest.mark.slow  # inductor compiles C++ for a few seconds
+def test_compiled_pooling_matches_eager_and_keeps_the_state_dict_keys():
+    torch.manual_seed(2)
+    embedder = PointEmbedder(
+        hidden_size=32,
+        num_tokens=8,
+        stage_widths=[12, 24],
+        num_neighbors=4,
+        encoding_dim=12,
+        trig_alpha=1000,
+        trig_beta=100,
+    )
+    points = torch.randn(3, 64, 3)
+    keys = list(embedder.state_dict())
+    expected, _ = embedder(points)
+    embedder.compile_pooling()
+    compiled, _ = embedder(points)
+    torch.testing.assert_close(compiled, expected, rtol=1e-4, atol=1e-5)
+    assert list(embedder.state_dict()) == keys
+    compiled.sum().backward()
+    assert all(p.grad is not None for p in embedder.parameters())
