@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -79,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_neighbors", type=int, default=24)
     parser.add_argument("--adapter_dim", type=int, default=16)
     parser.add_argument("--projection", default="auto", choices=("auto", "1d", "2d", "learned", "none"))
+    parser.add_argument("--num_views", type=int, default=6, help="Virtual views averaged by the projection.")
+    parser.add_argument("--no_adapter", action="store_true", help="Ablation: no adapters in the blocks.")
+    parser.add_argument(
+        "--no_local_guidance", action="store_true", help="Ablation: plain bottleneck adapters (no local attention)."
+    )
+    parser.add_argument("--no_view_ensemble", action="store_true", help="Ablation: no voxel-guided view ensemble.")
     parser.add_argument("--label_smoothing", type=float, default=0.0)
     parser.add_argument("--head_dropout", type=float, default=0.5)
     parser.add_argument(
@@ -132,6 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
         num_neighbors=args.num_neighbors,
         adapter_dim=args.adapter_dim,
         projection=args.projection,
+        num_views=args.num_views,
+        use_adapter=not args.no_adapter,
+        use_local_guidance=not args.no_local_guidance,
+        use_view_ensemble=not args.no_view_ensemble,
         label_smoothing=args.label_smoothing,
         head_dropout=args.head_dropout,
     )
@@ -246,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         "any2point_config": config.to_dict(),
         "trainable_params": trainable_params,
         "total_params": total_params,  # backbone (including its unused token-embedding table) + adapter
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
     }
     if accelerator.is_main_process:
         adapter_file = save_adapter(accelerator.unwrap_model(model), output_dir)

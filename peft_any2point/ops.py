@@ -253,15 +253,17 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Tensor]]] = {
 }
 
 # Fastest first, per (op, device type); "torch" closes each list. CPU as measured by benchmarks/bench_kernels.py
-# (results/kernels.md): fpsample's FPS beats the torch loop by 7-18% and torch_cluster's is 3-10x slower than both;
-# torch_cluster's KD-tree kNN is 1.5x (512 points) to 15x (16k) faster than brute force. On CUDA the torch FPS loop
-# is launch-bound (~70 ms for 1024 -> 512, B=32, results/kernels_cuda.md), so torch_cluster's kernels come first.
+# (results/kernels.md, 2 threads): the torch FPS loop uses every thread and beats the single-threaded fpsample by
+# 1.1x (512 points) to 2.2x (2k); on one thread fpsample was 7-18% faster. torch_cluster's FPS is 3-10x slower than
+# both; its KD-tree kNN is 1.5x (512 points) to 15x (16k) faster than brute force. On CUDA the torch FPS loop is
+# launch-bound (~70 ms for 1024 -> 512, B=32, results/kernels_cuda.md), so torch_cluster's kernels come first.
 _PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
-    ("fps", "cpu"): ("fpsample", "torch"),
+    ("fps", "cpu"): ("torch", "fpsample"),
     ("knn", "cpu"): ("torch_cluster", "torch"),
     ("fps", "cuda"): ("torch_cluster", "torch"),
     ("knn", "cuda"): ("torch_cluster", "torch"),
 }
+_SINGLE_THREAD_FPS_CPU = ("fpsample", "torch")
 
 # torch_cluster's CUDA kNN keeps each query's best candidates in a fixed array of 100.
 _TORCH_CLUSTER_CUDA_MAX_K = 100
@@ -299,7 +301,10 @@ def _choose(op: str, device: torch.device, backend: str | None, k: int) -> str:
     """The requested backend, checked, or the fastest usable one for the device."""
     usable = [name for name in available_backends()[op] if _runs_on(name, device, k)]
     if backend is None:
-        return next(name for name in _PREFERENCE.get((op, device.type), ("torch",)) if name in usable)
+        preference = _PREFERENCE.get((op, device.type), ("torch",))
+        if (op, device.type) == ("fps", "cpu") and torch.get_num_threads() == 1:
+            preference = _SINGLE_THREAD_FPS_CPU
+        return next(name for name in preference if name in usable)
     if backend not in usable:
         raise ValueError(
             f"{op} backend {backend!r} is unknown or unavailable for these {device.type} inputs; available: {usable}"

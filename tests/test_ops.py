@@ -240,6 +240,18 @@ def test_default_backend_is_installed_and_runs_on_the_device() -> None:
     assert default_backend("knn", "cuda", k=101) == "torch"  # torch_cluster's CUDA kNN stops at k=100
 
 
+@pytest.mark.skipif("fpsample" not in available_backends()["fps"], reason="fpsample is not installed")
+def test_cpu_fps_prefers_the_threaded_torch_loop_unless_torch_has_one_thread() -> None:
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert default_backend("fps", "cpu") == "torch"
+        torch.set_num_threads(1)
+        assert default_backend("fps", "cpu") == "fpsample"
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     points = _cloud(4, 1024, seed=8)

@@ -1,0 +1,42 @@
+"""The ablation benchmark: each variant trains with its own switches, and the table reports what each run wrote."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import transformers
+
+from benchmarks import bench_ablations
+from tests.conftest import TINY
+from tests.test_examples import DATA_ARGS, MODEL_ARGS
+
+
+def test_variants_train_with_their_switches_and_are_reported(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(**TINY)).save_pretrained(tmp_path / "base")
+    tiny_recipe = ["--model_name_or_path", str(tmp_path / "base"), *DATA_ARGS, *MODEL_ARGS, "--batch_size", "8"]
+    monkeypatch.setattr(bench_ablations, "RECIPE", tiny_recipe)
+    variants = ["full", "no-adapter", "plain-adapter", "learned-pe"]
+    rows = bench_ablations.main(
+        ["--variants", *variants, "--runs_dir", str(tmp_path / "runs"), "--output_dir", str(tmp_path)]
+    )
+
+    assert [row["variant"] for row in rows] == variants
+    configs = {name: json.loads((tmp_path / "runs" / name / "adapter_config.json").read_text()) for name in variants}
+    assert configs["full"]["use_adapter"] and configs["full"]["use_local_guidance"]
+    assert not configs["no-adapter"]["use_adapter"]
+    assert not configs["plain-adapter"]["use_local_guidance"] and not configs["plain-adapter"]["use_view_ensemble"]
+    assert configs["learned-pe"]["projection"] == "learned"
+    params = {row["variant"]: row["trainable_params"] for row in rows}
+    assert params["no-adapter"] < params["full"] < params["learned-pe"]
+    for row in rows:
+        results = json.loads((tmp_path / "runs" / row["variant"] / "results.json").read_text())
+        assert row["overall_accuracy"] == results["test_metrics"]["accuracy"]
+        assert (
+            row["adapter_bytes"] == (tmp_path / "runs" / row["variant"] / "adapter_model.safetensors").stat().st_size
+        )
+        assert row["peak_rss_mib"] > 0 and row["train_samples_per_second"] > 0
+    assert json.loads((tmp_path / "ablations.json").read_text())["rows"] == rows
+    table = (tmp_path / "ablations.md").read_text()
+    assert all(f"| {name} |" in table for name in variants)
