@@ -254,9 +254,10 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Tensor]]] = {
 
 # Fastest first, per (op, device type); "torch" closes each list. CPU as measured by benchmarks/bench_kernels.py
 # (results/kernels.md, 2 threads): the torch FPS loop uses every thread and beats the single-threaded fpsample by
-# 1.1x (512 points) to 2.2x (2k); on one thread fpsample was 7-18% faster. torch_cluster's FPS is 3-10x slower than
-# both; its KD-tree kNN is 1.5x (512 points) to 15x (16k) faster than brute force. On CUDA the torch FPS loop is
-# launch-bound (~70 ms for 1024 -> 512, B=32, results/kernels_cuda.md), so torch_cluster's kernels come first.
+# 1.1x (512 points) to 2.2x (2k); on one thread fpsample was 7-18% faster. In that single-thread run (torch_cluster
+# installed), torch_cluster's FPS was 3-10x slower than both and its KD-tree kNN 1.5x (512) to 15x (16k) faster.
+# On CUDA the torch FPS loop is launch-bound (~70 ms for 1024 -> 512, B=32, results/kernels_cuda.md), so
+# torch_cluster's kernels come first.
 _PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
     ("fps", "cpu"): ("torch", "fpsample"),
     ("knn", "cpu"): ("torch_cluster", "torch"),
