@@ -1,0 +1,144 @@
+"""Scaling: training throughput and peak memory of Any2Point against the number of points and the batch size.
+
+Each configuration runs in a process of its own, so that its peak resident memory (`ru_maxrss`, or the CUDA
+allocator's peak on a GPU) is its own: the default Any2PointConfig (128 tokens from 3 stages), bf16 autocast, a
+warm-up step and then `--steps` timed training steps on random clouds.
+
+    python -m benchmarks.bench_scaling                            # MiniLM; N = 1k..8k at B=8, B = 8..32 at N=1k
+    python -m benchmarks.bench_scaling --backbone tiny --points 64 128 --batch_sizes 2 4 --batch_size 2
+
+Writes `results/scaling.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peft_any2point.io import atomic_write_text
+
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+
+
+def measure(backbone: str, num_points: int, batch_size: int, steps: int, device: str) -> dict[str, Any]:
+    """Time training steps of one configuration in this process, and report its peak memory."""
+    import transformers
+    from peft import get_peft_model
+
+    from benchmarks.real_backbones import load_minilm
+    from peft_any2point import Any2PointConfig
+
+    torch.manual_seed(0)
+    if backbone == "tiny":
+        base = transformers.BertModel(transformers.BertConfig(**TINY_BERT))
+        config = Any2PointConfig(num_labels=40, num_tokens=16, num_stages=2, stage_widths=[16, 24], num_neighbors=8)
+    else:
+        base = load_minilm()
+        config = Any2PointConfig(num_labels=40)
+    model = get_peft_model(base, config).to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    points = torch.rand(batch_size, num_points, 3, device=device) * 2 - 1
+    labels = torch.randint(0, 40, (batch_size,), device=device)
+
+    def step() -> None:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            loss = model(points=points, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    seconds = (time.perf_counter() - start) / steps
+    return {
+        "num_points": num_points,
+        "batch_size": batch_size,
+        "seconds_per_step": seconds,
+        "samples_per_second": batch_size / seconds,
+        "peak_memory_mib": peak_mib,
+        "memory": "CUDA allocator peak" if device.startswith("cuda") else "peak resident set of the process",
+    }
+
+
+def run_in_child(args: argparse.Namespace, num_points: int, batch_size: int) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.bench_scaling", "--child", str(num_points), str(batch_size)]
+    command += ["--backbone", args.backbone, "--steps", str(args.steps), "--device", args.device]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"Scaling of a bf16 training step on {meta['machine']}, {meta['date']}, backbone {meta['backbone']}, "
+        f"default Any2PointConfig (128 tokens), {meta['steps']} timed steps after one warm-up; memory: {rows[0]['memory']}.",
+        "",
+        "| points | batch | s/step | samples/s | peak memory |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['num_points']} | {r['batch_size']} | {r['seconds_per_step']:.2f} | {r['samples_per_second']:.1f} "
+        f"| {r['peak_memory_mib']:.0f} MiB |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", choices=("minilm", "tiny"), default="minilm")
+    parser.add_argument("--points", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--batch_size", type=int, default=8, help="batch of the points sweep")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 16, 32], help="at the first --points")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument("--child", type=int, nargs=2, metavar=("POINTS", "BATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(measure(args.backbone, *args.child, args.steps, args.device)))
+        return []
+    configs = [(n, args.batch_size) for n in args.points]
+    configs += [(args.points[0], b) for b in args.batch_sizes if (args.points[0], b) not in configs]
+    rows = [run_in_child(args, n, b) for n, b in configs]
+    meta = {
+        "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {args.device})",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "backbone": args.backbone,
+        "steps": args.steps,
+        "torch": torch.__version__,
+    }
+    atomic_write_text(args.output_dir / "scaling.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    table = to_markdown(rows, meta)
+    atomic_write_text(args.output_dir / "scaling.md", table)
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
