@@ -16,16 +16,14 @@ Writes `results/ablations.{json,md}`; run folders go to `--runs_dir` (default `o
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from peft_any2point.io import atomic_write_text
+from benchmarks.reporting import run_stamp, write_results
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,17 +99,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
 
     rows = [run_variant(name, args) for name in args.variants]
-    meta = {
-        "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "num_epochs": args.num_epochs,
-        "seed": args.seed,
-        "recipe": RECIPE,
-    }
-    atomic_write_text(args.output_dir / "ablations.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    table = to_markdown(rows, meta)
-    atomic_write_text(args.output_dir / "ablations.md", table)
-    print(table)
+    meta = {**run_stamp(), "num_epochs": args.num_epochs, "seed": args.seed, "recipe": RECIPE}
+    write_results(args.output_dir, "ablations", meta, rows, to_markdown(rows, meta))
     return rows
 
 

@@ -18,13 +18,11 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
+from benchmarks.timing import interleaved_median
 from peft_any2point.io import atomic_write_text
 from peft_any2point.ops import (
     available_backends,
@@ -55,26 +53,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def median_ms(calls: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, tuple[float, int]]:
-    """Median wall time of each call in ms, and the number of runs behind it.
-
-    The calls take turns, `--rounds` times, so that load from other processes on the shared cores falls on all
-    backends of a row alike rather than on whichever ran during a busy spell.
-    """
-    timers = {
-        name: Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for name, fn in calls.items()
-    }
-    # One warm-up run each, which also sets how many runs make a block of about min_run_time / rounds.
-    number = {
-        name: max(1, int(args.min_run_time / args.rounds / timer.timeit(1).mean)) for name, timer in timers.items()
-    }
-    blocks: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(args.rounds):
-        for name, timer in timers.items():
-            blocks[name].append(timer.timeit(number[name]).mean)
-    return {name: (statistics.median(times) * 1e3, args.rounds * number[name]) for name, times in blocks.items()}
-
-
 def bench_size(num_points: int, batch: int, args: argparse.Namespace) -> list[dict]:
     """One row per op at this size: each backend's median time."""
     generator = torch.Generator().manual_seed(num_points)
@@ -100,7 +78,8 @@ def bench_size(num_points: int, batch: int, args: argparse.Namespace) -> list[di
     }
     rows = []
     for op, by_backend in calls.items():
-        times = median_ms(by_backend, args)
+        seconds = interleaved_median(by_backend, args.min_run_time, args.rounds, torch.get_num_threads())
+        times = {name: (median * 1e3, runs) for name, (median, runs) in seconds.items()}
         fastest = min(ms for ms, _ in times.values())
         rows.append(
             {

@@ -13,10 +13,8 @@ Writes `results/scaling.{json,md}`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -26,7 +24,7 @@ from typing import Any
 
 import torch
 
-from peft_any2point.io import atomic_write_text
+from benchmarks.reporting import run_stamp, write_results
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +92,7 @@ def run_in_child(args: argparse.Namespace, num_points: int, batch_size: int) -> 
 
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
-        f"Scaling of a bf16 training step on {meta['machine']}, {meta['date']}, backbone {meta['backbone']}, "
+        f"Scaling of a bf16 training step on {meta['machine']} ({meta['device']}), {meta['date']}, backbone {meta['backbone']}, "
         f"default Any2PointConfig (128 tokens), {meta['steps']} timed steps after one warm-up; memory: {rows[0]['memory']}.",
         "",
         "| points | batch | s/step | samples/s | peak memory |",
@@ -126,17 +124,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     configs = [(n, args.batch_size) for n in args.points]
     configs += [(args.points[0], b) for b in args.batch_sizes if (args.points[0], b) not in configs]
     rows = [run_in_child(args, n, b) for n, b in configs]
-    meta = {
-        "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {args.device})",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backbone": args.backbone,
-        "steps": args.steps,
-        "torch": torch.__version__,
-    }
-    atomic_write_text(args.output_dir / "scaling.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    table = to_markdown(rows, meta)
-    atomic_write_text(args.output_dir / "scaling.md", table)
-    print(table)
+    meta = {**run_stamp(), "device": args.device, "backbone": args.backbone, "steps": args.steps}
+    meta["torch"] = torch.__version__
+    write_results(args.output_dir, "scaling", meta, rows, to_markdown(rows, meta))
     return rows
 
 

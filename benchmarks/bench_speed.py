@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -43,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from transformers import BertConfig, BertModel
 
 import peft_any2point.embedder
+from benchmarks.timing import interleaved_median
 from peft_any2point import Any2PointConfig
 from peft_any2point.adapter import LocalGeometry
 from peft_any2point.io import atomic_write_text
@@ -119,25 +119,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def autocast(precision: str) -> torch.autocast:
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def median_seconds(calls: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, tuple[float, int]]:
-    """Median wall time of each call in s, and the number of timed runs behind it.
-
-    The calls take turns, `--rounds` times, so that load from other processes on the shared cores falls on all of
-    them alike. `Timer` runs with one thread unless told otherwise, hence `num_threads`.
-    """
-    timers = {name: Timer("fn()", globals={"fn": fn}, num_threads=args.threads) for name, fn in calls.items()}
-    for timer in timers.values():
-        timer.timeit(1)  # warm-up: allocator, oneDNN primitives, lazily built buffers
-    number = {
-        name: max(1, round(args.min_run_time / args.rounds / timer.timeit(1).mean)) for name, timer in timers.items()
-    }
-    blocks: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(args.rounds):
-        for name, timer in timers.items():
-            blocks[name].append(timer.timeit(number[name]).mean)
-    return {name: (statistics.median(times), args.rounds * number[name]) for name, times in blocks.items()}
 
 
 def matmul_peak(size: int, dtype: torch.dtype, args: argparse.Namespace) -> dict[str, float]:
@@ -484,7 +465,8 @@ def main(argv: list[str] | None = None) -> None:
         peft_model.train(mode == "train")  # the backbone is shared: bare steps run in the same mode
         flops = {model: count_flops(steps[model, mode, "fp32"]) for model in ("bare", "any2point")}
         for precision in PRECISIONS:
-            times = median_seconds({model: steps[model, mode, precision] for model in ("bare", "any2point")}, args)
+            calls = {model: steps[model, mode, precision] for model in ("bare", "any2point")}
+            times = interleaved_median(calls, args.min_run_time, args.rounds, args.threads)
             by_model = {
                 model: {
                     "model": model,

@@ -22,6 +22,19 @@ def sincos(values: torch.Tensor, dim: int, alpha: float, beta: float) -> torch.T
     return torch.tensor(parts[:dim])
 
 
+def tiny_embedder() -> PointEmbedder:
+    """32-wide tokens, 8 of them, from 2 stages (16 then 8 centres) of 4 neighbours."""
+    return PointEmbedder(
+        hidden_size=32,
+        num_tokens=8,
+        stage_widths=[12, 24],
+        num_neighbors=4,
+        encoding_dim=12,
+        trig_alpha=1000,
+        trig_beta=100,
+    )
+
+
 def test_stage_matches_a_naive_loop_over_centres_and_neighbours():
     torch.manual_seed(0)
     batch, num_points, in_dim, out_dim, k, num_centres = 2, 40, 12, 16, 5, 8  # 16: not a multiple of 6
@@ -52,15 +65,7 @@ def test_stage_matches_a_naive_loop_over_centres_and_neighbours():
 
 def test_embedder_tokens_and_centres_from_the_input_cloud():
     torch.manual_seed(1)
-    embedder = PointEmbedder(
-        hidden_size=32,
-        num_tokens=8,
-        stage_widths=[12, 24],
-        num_neighbors=4,
-        encoding_dim=12,
-        trig_alpha=1000,
-        trig_beta=100,
-    )
+    embedder = tiny_embedder()
     assert embedder.centres_per_stage == [16, 8]
     points = torch.randn(3, 64, 3)
     tokens, centres = embedder(points)
@@ -70,15 +75,7 @@ def test_embedder_tokens_and_centres_from_the_input_cloud():
 
 
 def test_embedder_stays_finite_when_all_points_coincide():
-    embedder = PointEmbedder(
-        hidden_size=32,
-        num_tokens=8,
-        stage_widths=[12, 24],
-        num_neighbors=4,
-        encoding_dim=12,
-        trig_alpha=1000,
-        trig_beta=100,
-    )
+    embedder = tiny_embedder()
     tokens, centres = embedder(torch.full((2, 64, 3), 0.3))
     assert torch.isfinite(tokens).all()
     torch.testing.assert_close(centres, torch.full((2, 8, 3), 0.3))
@@ -87,15 +84,7 @@ def test_embedder_stays_finite_when_all_points_coincide():
 @pytest.mark.slow  # inductor compiles C++ for a few seconds
 def test_compiled_pooling_matches_eager_and_keeps_the_state_dict_keys():
     torch.manual_seed(2)
-    embedder = PointEmbedder(
-        hidden_size=32,
-        num_tokens=8,
-        stage_widths=[12, 24],
-        num_neighbors=4,
-        encoding_dim=12,
-        trig_alpha=1000,
-        trig_beta=100,
-    )
+    embedder = tiny_embedder()
     points = torch.randn(3, 64, 3)
     keys = list(embedder.state_dict())
     expected, _ = embedder(points)
