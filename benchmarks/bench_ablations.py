@@ -3,9 +3,12 @@
 Every variant runs `examples/train_modelnet.py` in a process of its own (so that its peak memory is its own) with
 the same recipe (by default the `make demo` recipe cut to `--num_epochs`) and differs by the flags listed in
 VARIANTS: the virtual projection against a learned 3D position encoding and none; the guided adapter against a
-plain bottleneck adapter and none; 1 view against 6. Each result is the last epoch's accuracy on the evaluation
-subset, with the trainable parameters, the adapter file size, training samples/s and peak resident memory that the
-script records in its `results.json`.
+plain bottleneck adapter and none; 1 view against 6. Three baselines (`--tuning`, see `peft_any2point.baselines`)
+keep Any2Point's embedder, position encoding and head and change only the backbone: peft's LoRA in the frozen
+blocks instead of the adapters, the blocks fully fine-tuned, and no blocks at all. Each result is the last epoch's
+accuracy on the evaluation subset, with the trainable parameters, the size of the saved file (the adapter, or a
+baseline's trainable weights), training and evaluation samples/s and peak resident memory that the script records
+in its `results.json`.
 
     python -m benchmarks.bench_ablations                     # all variants, ~3.5 min each on 2 cores
     python -m benchmarks.bench_ablations --variants full no-adapter --num_epochs 2
@@ -42,6 +45,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "plain-adapter": ("bottleneck adapters without local guidance or view ensemble", ["--no_local_guidance", "--no_view_ensemble"]),
     "no-adapter": ("no adapters: embedder, frozen backbone and head only", ["--no_adapter"]),
     "1-view": ("one virtual view instead of six", ["--num_views", "1"]),
+    "lora": ("baseline: peft's LoRA (rank 2) on every linear layer of the frozen blocks, no adapters", ["--tuning", "lora", "--lora_rank", "2"]),
+    "full-finetune": ("baseline: every block fine-tuned, no adapters", ["--tuning", "full"]),
+    "embedder-only": ("baseline: no transformer blocks, the embedder's tokens go straight to the norm and head", ["--tuning", "embedder-only"]),
 }  # fmt: skip
 
 
@@ -66,6 +72,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "trainable_params": results["trainable_params"],
         "adapter_bytes": results["adapter_bytes"],
         "train_samples_per_second": final["train_samples_per_second"],
+        "eval_samples_per_second": final["eval_samples_per_second"],
         "peak_rss_mib": results["peak_rss_mib"],
         "wall_time_s": final["wall_time_s"],
     }
@@ -76,14 +83,15 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Ablations on {meta['machine']}, {meta['date']}: `make demo` recipe for {meta['num_epochs']} epoch(s) "
         f"(512 points, 64 tokens, bf16), seed {meta['seed']}, last-epoch accuracy on 800 ModelNet40 test clouds.",
         "",
-        "| variant | what changes | OA % | mAcc % | trainable | adapter | train samples/s | peak RSS |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | what changes | OA % | mAcc % | trainable | saved file | train samples/s | eval samples/s "
+        "| peak RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['description']} | {100 * r['overall_accuracy']:.1f} "
             f"| {100 * r['mean_class_accuracy']:.1f} | {r['trainable_params']:,} | {r['adapter_bytes'] / 2**20:.2f} MiB "
-            f"| {r['train_samples_per_second']:.1f} | {r['peak_rss_mib']:.0f} MiB |"
+            f"| {r['train_samples_per_second']:.1f} | {r['eval_samples_per_second']:.1f} | {r['peak_rss_mib']:.0f} MiB |"
         )
     return "\n".join(lines) + "\n"
 

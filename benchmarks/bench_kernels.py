@@ -34,7 +34,7 @@ from peft_any2point.ops import (
 
 
 RESULTS = Path(__file__).parent / "results"
-ALL_BACKENDS = ("torch", "fpsample", "torch_cluster")
+ALL_BACKENDS = ("torch", "fpsample", "torch_cluster", "triton")
 
 
 def parse_args() -> argparse.Namespace:
@@ -113,8 +113,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['date']}. FPS: N → N/2; kNN: N/2 queries, k={meta['k']}; group: gather of (B, N/2, k, {meta['channels']}) "
         f"features, forward + backward. Median wall time of {meta['rounds']} interleaved blocks (ratio to the row's fastest); `auto` = what `backend=None` runs.",
         "",
-        "| op | N | B | torch | fpsample | torch_cluster | auto |",
-        "|---|---|---|---|---|---|---|",
+        "| op | N | B | torch | fpsample | torch_cluster | triton | auto |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(header + [format_row(row) for row in rows]) + "\n"
 

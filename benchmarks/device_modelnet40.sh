@@ -10,9 +10,12 @@
 #   .whl           wheels of datasets, evaluate, dill and multiprocess, which the device image lacks
 #   .carry/run     (optional) the run folder brought back by an earlier command, to resume from its last checkpoint
 #
-# Usage on the device:  bash benchmarks/device_modelnet40.sh <seconds to train>   (results in $OUT/run)
+# Usage on the device:  bash benchmarks/device_modelnet40.sh <seconds to train> [train_modelnet.py flags...]
+# (results in $OUT/run). Extra flags change the recipe, e.g. `--num_epochs 20 --warmup_epochs 1` for a complete
+# shortened schedule; a run that finishes is also evaluated with 10-vote voting (eval_results_voting.json).
 set -euo pipefail
 budget_s=${1:-240}
+shift || true
 OUT=${OUT:-outputs/device}
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -37,7 +40,12 @@ fi
 # SIGINT after the budget: the last checkpoint (every 100 steps and at each epoch end) is what carries on.
 timeout -s INT "$budget_s" python3 examples/train_modelnet.py --model_name_or_path /tmp/minilm \
     --data_dir .carry/data --dataset modelnet40 --num_points 1024 --mixed_precision bf16 \
-    --checkpointing_steps 100 --output_dir "$OUT/run" "${resume[@]}" || echo "stopped after ${budget_s}s (rc $?)"
+    --checkpointing_steps 100 --output_dir "$OUT/run" "${resume[@]}" "$@" || echo "stopped after ${budget_s}s (rc $?)"
+if [ -f "$OUT/run/results.json" ]; then
+    python3 examples/evaluate_modelnet.py --adapter_path "$OUT/run" --model_name_or_path /tmp/minilm \
+        --data_dir .carry/data --dataset modelnet40 --num_points 1024 --voting 10 \
+        --output_file "$OUT/run/eval_results_voting.json"
+fi
 # Keep only the newest checkpoint: it is all that resuming needs, and what comes back from the device is capped.
 ls -d "$OUT"/run/checkpoint-* 2>/dev/null | sort -t- -k2 -n | head -n -1 | xargs -r rm -r
 ls -la "$OUT/run" "$OUT"/run/checkpoint-*

@@ -121,6 +121,12 @@ class PointEmbedder(nn.Module):
         return self.to_hidden(features), xyz  # (B, T, hidden), (B, T, 3)
 
     def compile_pooling(self, **options: object) -> None:
-        """Compile every stage's `NeighbourPooling` in place (`torch.compile` options); weights and keys unchanged."""
+        """Compile every stage's `NeighbourPooling` in place (`torch.compile` options); weights and keys unchanged.
+
+        The stages share one `forward` and each has its own shapes, so every (stage, grad mode, dtype, batch size)
+        can need a graph of its own; dynamo's default of 8 per function would send the rest back to eager.
+        """
+        limit = 16 * len(self.stages)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         for stage in self.stages:
             stage.pooling.compile(**options)

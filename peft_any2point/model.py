@@ -376,7 +376,8 @@ class Any2PointModel(BaseTuner):
             cls_token = cls_token + spec.cls_position.to(cls_token.dtype)
         hidden = torch.cat([cls_token, tokens], dim=1)  # (B, 1 + T, D)
 
-        backbone_dtype = next(spec.blocks[0].parameters()).dtype
+        # no blocks at all (the embedder-only baseline): stay in the adapter's dtype
+        backbone_dtype = next(spec.blocks.parameters(), modules.cls_token).dtype
         hidden = hidden.to(backbone_dtype)
         if spec.input_norm is not None:
             hidden = spec.input_norm(hidden)

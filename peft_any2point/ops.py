@@ -81,7 +81,8 @@ def farthest_point_sampling(
         num_samples: how many points to keep per cloud, 1 <= num_samples <= N.
         start_index: (B,) int64 first point of each cloud. None picks the point farthest from the cloud's
             centroid (lowest index on ties), so the selected points do not depend on the input order.
-        backend: "torch", "fpsample" or "torch_cluster"; None picks the fastest available for the device.
+        backend: "torch", "fpsample", "torch_cluster" or "triton" (CUDA); None picks the fastest available for the
+            device.
 
     Returns:
         (B, num_samples) int64 indices into the points, in selection order; the first is the start.
@@ -228,6 +229,14 @@ def _fps_torch_cluster(points: Tensor, num_samples: int, start: Tensor) -> Tenso
     return swap.gather(1, picked.view(batch, num_samples) - offsets[:-1, None])  # (B, num_samples)
 
 
+def _fps_triton(points: Tensor, num_samples: int, start: Tensor) -> Tensor:
+    """Triton FPS, one program per cloud for the whole loop, where the torch loop launches kernels per sample.
+
+    Its module imports triton, so it is loaded only here, once the backend has been chosen.
+    """
+    return importlib.import_module("peft_any2point._triton_fps").farthest_point_sampling(points, num_samples, start)
+
+
 def _knn_torch_cluster(queries: Tensor, points: Tensor, k: int) -> Tensor:
     """torch_cluster's kNN (a KD-tree on CPU); it returns flattened (query, neighbour) pairs, nearest first."""
     torch_cluster = _module("torch_cluster")
@@ -248,7 +257,12 @@ def _knn_torch_cluster(queries: Tensor, points: Tensor, k: int) -> Tensor:
 # --------------------------------------------------------------------------- backend choice
 
 _IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Tensor]]] = {
-    "fps": {"torch": _fps_torch, "fpsample": _fps_fpsample, "torch_cluster": _fps_torch_cluster},
+    "fps": {
+        "torch": _fps_torch,
+        "fpsample": _fps_fpsample,
+        "torch_cluster": _fps_torch_cluster,
+        "triton": _fps_triton,
+    },
     "knn": {"torch": _knn_torch, "torch_cluster": _knn_torch_cluster},
 }
 
@@ -256,12 +270,13 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Tensor]]] = {
 # (results/kernels.md, 2 threads): the torch FPS loop uses every thread and beats the single-threaded fpsample by
 # 1.1x (512 points) to 2.2x (2k); on one thread fpsample was 7-18% faster. In that single-thread run (torch_cluster
 # installed), torch_cluster's FPS was 3-10x slower than both and its KD-tree kNN 1.5x (512) to 15x (16k) faster.
-# On CUDA the torch FPS loop is launch-bound (~70 ms for 1024 -> 512, B=32, results/kernels_cuda.md), so
-# torch_cluster's kernels come first.
+# On CUDA the torch FPS loop is launch-bound, so compiled kernels come first: the Triton FPS runs the whole loop in
+# one launch, 0.2 ms against the loop's 46.5 ms for 1024 -> 512 at B=32 on an H200 (results/kernels_cuda.md;
+# torch_cluster was not installed there, so the two compiled kernels have not been compared), then torch_cluster's.
 _PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
     ("fps", "cpu"): ("torch", "fpsample"),
     ("knn", "cpu"): ("torch_cluster", "torch"),
-    ("fps", "cuda"): ("torch_cluster", "torch"),
+    ("fps", "cuda"): ("triton", "torch_cluster", "torch"),
     ("knn", "cuda"): ("torch_cluster", "torch"),
 }
 _SINGLE_THREAD_FPS_CPU = ("fpsample", "torch")
@@ -273,7 +288,8 @@ _TORCH_CLUSTER_CUDA_MAX_K = 100
 def available_backends(device: torch.device | str | None = None) -> dict[str, list[str]]:
     """Installed backends per op, e.g. {"fps": ["torch", "fpsample"], "knn": ["torch"]}.
 
-    With `device`, only those that take its tensors (fpsample is CPU-only; torch_cluster needs a CUDA build on GPU).
+    With `device`, only those that take its tensors (fpsample is CPU-only, triton CUDA-only; torch_cluster needs a
+    CUDA build on GPU).
     """
     installed = {
         op: [name for name in impls if name == "torch" or _module(name) is not None]
@@ -286,6 +302,8 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, li
 
 def _runs_on(backend: str, device: torch.device, k: int) -> bool:
     """Whether an installed backend handles tensors on `device` (and, for kNN, this k)."""
+    if backend == "triton":
+        return device.type == "cuda"
     if backend == "torch" or device.type == "cpu":
         return True
     if backend == "torch_cluster" and device.type == "cuda":

@@ -3,7 +3,9 @@
 - data: `load_train_test` (ModelNet40 where present, else the synthetic set, and says which), a per-epoch seeded
   `EpochShuffleSampler`, the paper's per-dataset augmentation (`train_augmentation`);
 - checkpoints holding only what a resumed run needs: trainable state, optimizer, scheduler, every RNG and the
-  position in the data (`save_checkpoint`, `load_checkpoint`, `find_latest_checkpoint`), written atomically;
+  position in the data (`save_checkpoint`, `load_checkpoint`, `find_latest_checkpoint`), written atomically; the
+  trainable state is every parameter that trains, by name (`save_trainable_state`), so the same code checkpoints
+  an Any2Point adapter and the baselines of `peft_any2point.baselines`;
 - evaluation with optional voting, gathered across processes without duplicates (`predict`, `point_cloud_metrics`);
 - the final outputs (`save_adapter`, `write_metrics_log`).
 
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoModel
@@ -200,6 +202,31 @@ def train_augmentation(dataset: str) -> Compose:
 # ----- checkpoints -----------------------------------------------------------------------------------------------
 
 
+def save_trainable_state(model: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Write every parameter of `model` that trains, under its name in `model`, to a safetensors file, atomically.
+
+    Parameters rather than peft's adapter state: it also holds what a baseline trains inside the backbone (LoRA
+    weights, fine-tuned blocks), and the Any2Point modules keep no persistent buffers.
+    """
+    state = {name: param.detach().contiguous() for name, param in model.named_parameters() if param.requires_grad}
+    with atomic_path(path) as tmp:
+        save_file(state, tmp)
+    return Path(path)
+
+
+def load_trainable_state(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a `save_trainable_state` file, refusing one that does not hold exactly the parameters that train."""
+    state = load_file(path)
+    expected = {name for name, param in model.named_parameters() if param.requires_grad}
+    if state.keys() != expected:
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        raise ValueError(
+            f"{path}: trainable state does not fit the model: {len(missing)} missing tensors {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
 @dataclass
 class TrainingProgress:
     """Where a run stands: `step` counts optimizer updates, `batch_in_epoch` the batches of `epoch` already consumed
@@ -256,9 +283,7 @@ def save_checkpoint(
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = get_peft_model_state_dict(accelerator.unwrap_model(model))
-        with atomic_path(partial / TRAINABLE_FILE) as tmp:
-            save_file({key: value.contiguous() for key, value in state.items()}, tmp)
+        save_trainable_state(accelerator.unwrap_model(model), partial / TRAINABLE_FILE)
         training_state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -297,9 +322,7 @@ def load_checkpoint(
             f"{checkpoint} was written by {training_state['num_processes']} processes; resuming it with "
             f"{accelerator.num_processes} would change the data order. Resume with the same number of processes."
         )
-    result = set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(checkpoint / TRAINABLE_FILE))
-    if result.unexpected_keys:
-        raise ValueError(f"{checkpoint}: trainable state does not fit the model: {result.unexpected_keys[:3]}")
+    load_trainable_state(accelerator.unwrap_model(model), checkpoint / TRAINABLE_FILE)
     optimizer.load_state_dict(training_state["optimizer"])
     scheduler.load_state_dict(training_state["scheduler"])
     rng_file = checkpoint / f"rng_state_{accelerator.process_index}.pt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -139,6 +140,15 @@ def tiny_config(**overrides: object) -> Any2PointConfig:
 def make_backbone(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return BACKBONES[name][0]().eval()
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory) -> Path:
+    """A tiny random BertModel saved like a downloaded one."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(**TINY)).save_pretrained(path)
+    return path
 
 
 @pytest.fixture

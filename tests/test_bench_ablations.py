@@ -36,7 +36,7 @@ def test_variants_train_with_their_switches_and_are_reported(tmp_path, monkeypat
         assert (
             row["adapter_bytes"] == (tmp_path / "runs" / row["variant"] / "adapter_model.safetensors").stat().st_size
         )
-        assert row["peak_rss_mib"] > 0 and row["train_samples_per_second"] > 0
+        assert row["peak_rss_mib"] > 0 and row["train_samples_per_second"] > 0 and row["eval_samples_per_second"] > 0
     assert json.loads((tmp_path / "ablations.json").read_text())["rows"] == rows
     table = (tmp_path / "ablations.md").read_text()
     assert all(f"| {name} |" in table for name in variants)

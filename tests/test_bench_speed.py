@@ -37,6 +37,8 @@ def output_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "256",
                 "--threads",
                 "1",
+                "--compile_embedder",
+                "no",  # compiling takes longer than the quick run; the slow embedder test checks it
             ]
         )
     finally:

@@ -22,7 +22,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from peft_any2point.training import BUNDLED_MINILM_HUB_ID, bundled_minilm_path, hub_base_model_id, load_split
-from tests.conftest import TINY, tiny_config
+from tests.conftest import tiny_config
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ EVALUATE = ROOT / "examples" / "evaluate_modelnet.py"
 DATA_ARGS = ["--dataset", "synthetic", "--num_points", "64", "--max_train_samples", "40", "--max_eval_samples", "16"]
 MODEL_ARGS = ["--num_tokens", "16", "--num_stages", "2", "--stage_widths", "16", "24", "--num_neighbors", "8"]
 RECIPE_ARGS = ["--num_epochs", "2", "--batch_size", "8", "--warmup_epochs", "1", "--learning_rate", "2e-3"]
-TIMING_KEYS = {"train_samples_per_second", "wall_time_s"}
+TIMING_KEYS = {"train_samples_per_second", "eval_samples_per_second", "wall_time_s"}
 
 
 def run_script(*args: str | os.PathLike, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -59,15 +59,6 @@ def without_timing(records: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    """A tiny random BertModel saved like a downloaded one."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    transformers.BertModel(transformers.BertConfig(**TINY)).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def trained_run(backbone_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """An uninterrupted run that keeps a checkpoint every 2 steps."""
     output_dir = tmp_path_factory.mktemp("run")
@@ -85,7 +76,7 @@ def test_training_run_writes_adapter_log_plots_and_results(trained_run, backbone
     assert [(r["epoch"], r["step"]) for r in records] == [(1, 5), (2, 10)]
     assert set(records[0]) == {
         "epoch", "step", "train_loss", "learning_rate", "test_loss", "test_accuracy", "test_mean_class_accuracy",
-        "test_samples", "train_samples_per_second", "wall_time_s",
+        "test_samples", "train_samples_per_second", "eval_samples_per_second", "wall_time_s",
     }  # fmt: skip
     assert records[0]["learning_rate"] == pytest.approx(2e-3)  # end of the 1-epoch warm-up
     assert records[1]["learning_rate"] == pytest.approx(0.0)  # end of the cosine

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from peft_any2point.ops import (
     _KNN_CHUNK_ELEMENTS,
+    _fps_torch,
     available_backends,
     default_backend,
     farthest_point_sampling,
     gather_points,
     knn_indices,
 )
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _backend_params(op: str) -> list:
@@ -107,8 +117,74 @@ def test_fps_bf16_autocast_input_selects_as_float32() -> None:
 
 def test_fps_ignores_autograd() -> None:
     points = _cloud(2, 64).requires_grad_()
-    for backend in available_backends()["fps"]:
+    for backend in available_backends("cpu")["fps"]:
         assert not farthest_point_sampling(points, 8, backend=backend).requires_grad
+
+
+# --------------------------------------------------------------------------- Triton FPS, interpreted on CPU
+
+
+def _grid_cloud(batch: int, side: int) -> torch.Tensor:
+    """Shuffled integer grids: many exactly equal distances, so every step has ties to break."""
+    grid = torch.cartesian_prod(*[torch.arange(side, dtype=torch.float32)] * 3)  # (side^3, 3)
+    return torch.stack(
+        [grid[torch.randperm(len(grid), generator=torch.Generator().manual_seed(b))] for b in range(batch)]
+    )
+
+
+# name: (points, num_samples, start); each runs with the clouds in registers and streamed in chunks of 32 points.
+_TRITON_CASES = {
+    "n97": (_cloud(2, 97), 40, [41, 96]),  # N not a power of two
+    "n200": (_cloud(2, 200, seed=2), 50, [0, 199]),
+    "all-points": (_cloud(2, 33), 33, [5, 32]),  # the last steps are all ties at distance 0
+    "one-point": (_cloud(2, 1), 1, [0, 0]),
+    "grid-ties": (_grid_cloud(2, 4), 64, [0, 37]),
+    "duplicates": (_cloud(2, 16, seed=3).repeat(1, 4, 1), 40, [3, 60]),  # every point four times
+}
+_TRITON_BLOCKS = {"registers": 16384, "streamed": 32}
+
+# Runs in a subprocess: TRITON_INTERPRET must be set before triton is imported (its own library functions are
+# decorated then), and the interpreter runs the kernels on CPU tensors.
+_TRITON_INTERPRETED = """
+import sys
+import torch
+from peft_any2point import _triton_fps
+
+picked = {}
+for name, (points, num_samples, start, max_block) in torch.load(sys.argv[1]).items():
+    _triton_fps.MAX_BLOCK = max_block
+    picked[name] = _triton_fps.farthest_point_sampling(points, num_samples, torch.tensor(start))
+torch.save(picked, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def triton_interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """Every Triton case's selection, by name "<case>-<blocks>", from one interpreter run."""
+    if "triton" not in available_backends()["fps"]:
+        pytest.skip("triton is not installed")
+    triton_version = tuple(map(int, importlib.import_module("triton").__version__.split(".")[:2]))
+    if triton_version < (3, 7) and tuple(map(int, np.__version__.split(".")[:2])) >= (2, 4):
+        pytest.skip("the interpreter of triton < 3.7 fails with numpy >= 2.4 (triton-lang/triton#9171)")
+    folder = tmp_path_factory.mktemp("triton")
+    cases = {
+        f"{name}-{blocks}": (*case, max_block)
+        for name, case in _TRITON_CASES.items()
+        for blocks, max_block in _TRITON_BLOCKS.items()
+    }
+    torch.save(cases, folder / "cases.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", _TRITON_INTERPRETED, str(folder / "cases.pt"), str(folder / "picked.pt")]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"the interpreted Triton FPS failed:\n{result.stderr[-4000:]}"
+    return torch.load(folder / "picked.pt")
+
+
+@pytest.mark.parametrize("blocks", _TRITON_BLOCKS)
+@pytest.mark.parametrize("case", _TRITON_CASES)
+def test_triton_fps_equals_the_torch_loop(triton_interpreted: dict[str, torch.Tensor], case: str, blocks: str) -> None:
+    points, num_samples, start = _TRITON_CASES[case]
+    assert torch.equal(triton_interpreted[f"{case}-{blocks}"], _fps_torch(points, num_samples, torch.tensor(start)))
 
 
 # --------------------------------------------------------------------------- k nearest neighbours
@@ -198,6 +274,10 @@ def test_gather_points_gradient_accumulates_repeated_indices() -> None:
             lambda p: farthest_point_sampling(p, 4, backend="nope"),
             r"fps backend 'nope' is unknown or unavailable.*'torch'",
         ),
+        (
+            lambda p: farthest_point_sampling(p, 4, backend="triton"),
+            r"fps backend 'triton' is unknown or unavailable for these cpu inputs",
+        ),
         (lambda p: knn_indices(p, p, 11), r"k must be between 1 and the number of points \(10\)"),
         (lambda p: knn_indices(p, p, 0), r"k must be between 1"),
         (lambda p: knn_indices(p[..., :2], p, 3), r"queries must have shape"),
@@ -213,6 +293,7 @@ def test_gather_points_gradient_accumulates_repeated_indices() -> None:
         "fps-start-shape",
         "fps-start-range",
         "fps-backend",
+        "fps-triton-on-cpu",
         "knn-k-too-big",
         "knn-k-zero",
         "knn-last-dim",
@@ -232,7 +313,10 @@ def test_available_backends_always_include_torch() -> None:
 
 
 def test_default_backend_is_installed_and_runs_on_the_device() -> None:
-    assert available_backends("cpu") == available_backends()
+    cuda_only = {"triton"}
+    assert available_backends("cpu") == {
+        op: [name for name in names if name not in cuda_only] for op, names in available_backends().items()
+    }
     assert "fpsample" not in available_backends("cuda")["fps"]  # fpsample is CPU-only
     for op, installed in available_backends().items():
         assert default_backend(op, "cpu") in installed
@@ -250,6 +334,12 @@ def test_cpu_fps_prefers_the_threaded_torch_loop_unless_torch_has_one_thread() -
         assert default_backend("fps", "cpu") == "fpsample"
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif("triton" not in available_backends()["fps"], reason="triton is not installed")
+def test_cuda_fps_prefers_triton() -> None:
+    assert default_backend("fps", "cuda") == "triton"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
