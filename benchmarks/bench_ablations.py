@@ -46,7 +46,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "no-adapter": ("no adapters: embedder, frozen backbone and head only", ["--no_adapter"]),
     "1-view": ("one virtual view instead of six", ["--num_views", "1"]),
     "lora": ("baseline: peft's LoRA (rank 2) on every linear layer of the frozen blocks, no adapters", ["--tuning", "lora", "--lora_rank", "2"]),
-    "full-finetune": ("baseline: every block fine-tuned, no adapters", ["--tuning", "full"]),
+    "full-finetune": ("baseline: every block fine-tuned (lr 1e-4; the rest 2e-3), no adapters", ["--tuning", "full", "--backbone_learning_rate", "1e-4"]),
     "embedder-only": ("baseline: no transformer blocks, the embedder's tokens go straight to the norm and head", ["--tuning", "embedder-only"]),
 }  # fmt: skip
 
@@ -78,10 +78,16 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def when(row: dict[str, Any]) -> str:
+    """` (measured <date>)` for a row kept from an earlier run by `--update`."""
+    return f" (measured {row['measured']})" if "measured" in row else ""
+
+
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Ablations on {meta['machine']}, {meta['date']}: `make demo` recipe for {meta['num_epochs']} epoch(s) "
-        f"(512 points, 64 tokens, bf16), seed {meta['seed']}, last-epoch accuracy on 800 ModelNet40 test clouds.",
+        f"(512 points, 64 tokens, bf16), seed {meta['seed']}, last-epoch accuracy on 800 ModelNet40 test clouds. "
+        "Rows kept from an earlier run say when they were measured.",
         "",
         "| variant | what changes | OA % | mAcc % | trainable | saved file | train samples/s | eval samples/s "
         "| peak RSS |",
@@ -89,11 +95,24 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['description']} | {100 * r['overall_accuracy']:.1f} "
+            f"| {r['variant']} | {r['description']}{when(r)} | {100 * r['overall_accuracy']:.1f} "
             f"| {100 * r['mean_class_accuracy']:.1f} | {r['trainable_params']:,} | {r['adapter_bytes'] / 2**20:.2f} MiB "
             f"| {r['train_samples_per_second']:.1f} | {r['eval_samples_per_second']:.1f} | {r['peak_rss_mib']:.0f} MiB |"
         )
     return "\n".join(lines) + "\n"
+
+
+def merge_rows(previous_file: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """`rows` plus the rows of `previous_file` for the other variants, in VARIANTS order; refuses another budget."""
+    previous = json.loads(previous_file.read_text(encoding="utf-8"))
+    if (previous["meta"]["num_epochs"], previous["meta"]["seed"]) != (meta["num_epochs"], meta["seed"]):
+        raise ValueError(
+            f"{previous_file} was measured with {previous['meta']['num_epochs']} epoch(s), seed "
+            f"{previous['meta']['seed']}; this run uses {meta['num_epochs']}, seed {meta['seed']}: rerun every variant"
+        )
+    by_name = {row["variant"]: {"measured": previous["meta"]["date"], **row} for row in previous["rows"]}
+    by_name.update({row["variant"]: row for row in rows})
+    return [by_name[name] for name in VARIANTS if name in by_name]
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -104,10 +123,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--runs_dir", type=Path, default=ROOT / "outputs" / "ablations")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="rerun only --variants and keep the other rows of the existing results (same epochs and seed)",
+    )
     args = parser.parse_args(argv)
 
     rows = [run_variant(name, args) for name in args.variants]
     meta = {**run_stamp(), "num_epochs": args.num_epochs, "seed": args.seed, "recipe": RECIPE}
+    if args.update:
+        rows = merge_rows(args.output_dir / "ablations.json", rows, meta)
     write_results(args.output_dir, "ablations", meta, rows, to_markdown(rows, meta))
     return rows
 

@@ -102,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2,
         help="LoRA rank of --tuning lora; 2 adds about as many parameters as Any2Point's adapters on MiniLM.",
     )
+    parser.add_argument(
+        "--backbone_learning_rate",
+        type=float,
+        default=None,
+        help="Peak learning rate of what trains inside the backbone (--tuning lora/full); default --learning_rate. "
+        "Fully fine-tuned blocks diverge at the demo's 2e-3.",
+    )
     parser.add_argument("--label_smoothing", type=float, default=0.0)
     parser.add_argument("--head_dropout", type=float, default=0.5)
     parser.add_argument(
@@ -177,8 +184,16 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(f"Trainable parameters: {trainable_params:,} of {total_params:,}")
 
     # Optimizer and a cosine schedule with warm-up, in optimizer steps (the scheduler steps once per update).
+    # Two groups: the Any2Point modules, and what a baseline trains inside the backbone (its own peak rate).
+    in_backbone = {id(p) for p in model.base_model.model.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    backbone_lr = args.learning_rate if args.backbone_learning_rate is None else args.backbone_learning_rate
+    groups = [
+        {"params": [p for p in trainable if id(p) not in in_backbone]},
+        {"params": [p for p in trainable if id(p) in in_backbone], "lr": backbone_lr},
+    ]
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
+        [group for group in groups if group["params"]], lr=args.learning_rate, weight_decay=args.weight_decay
     )
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)

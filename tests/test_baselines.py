@@ -174,3 +174,22 @@ def test_a_baseline_cannot_be_pushed_as_an_adapter(capsys):
     with pytest.raises(SystemExit):
         load_script(TRAIN).parse_args(["--tuning", "lora", "--push_to_hub"])
     assert "--tuning lora is a baseline" in capsys.readouterr().err
+
+
+def test_the_backbone_learning_rate_applies_to_the_blocks_only(backbone_dir, tmp_path):
+    load_script(TRAIN).main(
+        [
+            "--model_name_or_path", str(backbone_dir), *DATA_ARGS, "--max_train_samples", "16", *MODEL_ARGS,
+            "--num_epochs", "1", "--batch_size", "8", "--tuning", "full", "--backbone_learning_rate", "0",
+            "--output_dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    saved = load_file(tmp_path / WEIGHTS_FILE)
+    original = dict(transformers.AutoModel.from_pretrained(backbone_dir).named_parameters())
+    blocks = {name: tensor for name, tensor in saved.items() if name.startswith("base_model.model.")}
+    assert blocks and all(torch.equal(t, original[n.removeprefix("base_model.model.")]) for n, t in blocks.items())
+    embedder = saved["base_model.any2point.default.embedder.to_hidden.weight"]
+    config = {"num_labels": 8, "num_tokens": 16, "num_stages": 2, "stage_widths": [16, 24], "num_neighbors": 8}
+    torch.manual_seed(42)  # the training script's seed: the same initial embedder
+    fresh = get_peft_model(transformers.AutoModel.from_pretrained(backbone_dir), Any2PointConfig(**config))
+    assert not torch.equal(embedder, fresh.base_model.any2point["default"].embedder.to_hidden.weight)

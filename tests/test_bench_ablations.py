@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import transformers
 
@@ -40,3 +41,16 @@ def test_variants_train_with_their_switches_and_are_reported(tmp_path, monkeypat
     assert json.loads((tmp_path / "ablations.json").read_text())["rows"] == rows
     table = (tmp_path / "ablations.md").read_text()
     assert all(f"| {name} |" in table for name in variants)
+
+
+def test_update_keeps_the_other_rows_and_refuses_another_budget(tmp_path):
+    meta = {"date": "2026-01-01T00:00:00+00:00", "num_epochs": 1, "seed": 42}
+    old_rows = [{"variant": "full", "overall_accuracy": 0.1}, {"variant": "lora", "overall_accuracy": 0.2}]
+    (tmp_path / "ablations.json").write_text(json.dumps({"meta": meta, "rows": old_rows}))
+    new = {"variant": "no-pe", "overall_accuracy": 0.3}
+    merged = bench_ablations.merge_rows(tmp_path / "ablations.json", [new], {**meta, "date": "later"})
+    assert [row["variant"] for row in merged] == ["full", "no-pe", "lora"]  # VARIANTS order
+    assert merged[0] == {**old_rows[0], "measured": meta["date"]} and merged[1] == new
+    assert "(measured 2026-01-01" in bench_ablations.when(merged[0]) and bench_ablations.when(new) == ""
+    with pytest.raises(ValueError, match="measured with 1 epoch"):
+        bench_ablations.merge_rows(tmp_path / "ablations.json", [new], {**meta, "num_epochs": 2})
