@@ -19,6 +19,19 @@ from peft_any2point.ops import farthest_point_sampling, gather_points, knn_indic
 _MIN_SPREAD = 1e-5  # keeps a cloud whose points all coincide finite
 
 
+# Median absolute deviation -> standard deviation, for normally distributed values.
+_MAD_TO_STD = 1.4826
+
+
+def robust_spread(offsets: Tensor) -> Tensor:
+    """(B, ...) neighbour offsets -> (B,) their spread: the median absolute offset, scaled to a standard deviation.
+
+    A median, not the standard deviation: a few far-off groups (around outliers, which FPS picks first) would
+    inflate a standard deviation and shrink every other group's normalised offsets towards zero.
+    """
+    return offsets.flatten(1).abs().median(dim=1).values.mul(_MAD_TO_STD).add(_MIN_SPREAD)
+
+
 class TrigonometricEncoding(nn.Module):
     """Parameter-free sin/cos encoding of xyz at `ceil(dim / 6)` geometric frequencies per axis, cut to `dim`."""
 
@@ -62,7 +75,7 @@ class NeighbourPooling(nn.Module):
 class GroupingStage(nn.Module):
     """One embedder stage: FPS centres, kNN groups, pooled relative features.
 
-    Offsets `d = (x_j - x_c) / s` are normalised by the cloud's group spread `s` (their standard deviation), so
+    Offsets `d = (x_j - x_c) / s` are normalised by the cloud's group spread `s` (`robust_spread`), so
     that every stage sees unit-scale local geometry however small its neighbourhoods are. For a centre c with
     neighbours j the feature is `g = GELU(A f_j - B f_c + P d)`, weighted by a sin/cos encoding of the offset as
     in Point-PN, `(g + E(d)) * E(d)`, then max+mean pooled. The linear maps run on the N point features before
@@ -84,7 +97,7 @@ class GroupingStage(nn.Module):
             centres = gather_points(xyz, centre_index)  # (B, M, 3)
             neighbor_index = knn_indices(centres, xyz, min(self.num_neighbors, xyz.shape[1]))  # (B, M, k)
             offsets = gather_points(xyz, neighbor_index) - centres.unsqueeze(2)  # (B, M, k, 3)
-            spread = offsets.flatten(1).std(dim=1).add(_MIN_SPREAD)[:, None, None]  # (B, 1, 1)
+            spread = robust_spread(offsets)[:, None, None]  # (B, 1, 1)
         scaled = self.offset_proj(xyz / spread)  # (B, N, C): P d = P x_j / s - P x_c / s
         point_terms = self.neighbor_proj(features) + scaled
         centre_terms = self.centre_proj(gather_points(features, centre_index)) + gather_points(scaled, centre_index)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_any2point.embedder import RELATIVE_ALPHA, RELATIVE_BETA, GroupingStage, PointEmbedder
+from peft_any2point.embedder import RELATIVE_ALPHA, RELATIVE_BETA, GroupingStage, PointEmbedder, robust_spread
 from peft_any2point.ops import farthest_point_sampling, knn_indices
 
 
@@ -49,7 +49,7 @@ def test_stage_matches_a_naive_loop_over_centres_and_neighbours():
         centre_index = farthest_point_sampling(xyz[cloud : cloud + 1], num_centres)[0]
         neighbors = knn_indices(xyz[cloud : cloud + 1, centre_index], xyz[cloud : cloud + 1], k)[0]
         offsets = [[xyz[cloud, j] - xyz[cloud, c] for j in neighbors[m]] for m, c in enumerate(centre_index)]
-        spread = torch.stack([d for row in offsets for d in row]).flatten().std() + 1e-5
+        spread = torch.stack([d for row in offsets for d in row]).abs().flatten().median() * 1.4826 + 1e-5
         for m, c in enumerate(centre_index.tolist()):
             torch.testing.assert_close(centres[cloud, m], xyz[cloud, c])
             rows = []
@@ -94,3 +94,14 @@ def test_compiled_pooling_matches_eager_and_keeps_the_state_dict_keys():
     assert list(embedder.state_dict()) == keys
     compiled.sum().backward()
     assert all(p.grad is not None for p in embedder.parameters())
+
+
+def test_robust_spread_estimates_the_standard_deviation_and_ignores_outliers():
+    generator = torch.Generator().manual_seed(0)
+    offsets = torch.randn(2, 256, 16, 3, generator=generator) * torch.tensor([0.05, 0.2])[:, None, None, None]
+    spread = robust_spread(offsets)
+    torch.testing.assert_close(spread, offsets.flatten(1).std(dim=1), rtol=0.03, atol=0)
+    corrupted = offsets.clone()
+    corrupted[:, :4] = 50.0  # 4 of 256 groups made of far-away points
+    assert corrupted.flatten(1).std(dim=1).min() > 10 * spread.max()  # what the standard deviation would become
+    torch.testing.assert_close(robust_spread(corrupted), spread, rtol=0.05, atol=0)
