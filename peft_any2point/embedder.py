@@ -17,10 +17,7 @@ from peft_any2point.ops import farthest_point_sampling, gather_points, knn_indic
 
 
 _MIN_SPREAD = 1e-5  # keeps a cloud whose points all coincide finite
-
-
-# Median absolute deviation -> standard deviation, for normally distributed values.
-_MAD_TO_STD = 1.4826
+_MAD_TO_STD = 1.4826  # median absolute deviation -> standard deviation, for normally distributed values
 
 
 def robust_spread(offsets: Tensor) -> Tensor:

@@ -31,6 +31,8 @@ from tests.test_examples import DATA_ARGS, MODEL_ARGS, TRAIN, load_script
 # An architecture of each kind the baselines must cope with: learned 1D table, 2D grid, rotary (causal, and with
 # per-layer rotary types), and a convolutional position encoding whose norm runs before the blocks.
 ARCHITECTURES = ["bert", "vit", "llama", "modernbert", "wav2vec2"]
+# The adapter config the training script builds from DATA_ARGS and MODEL_ARGS (8 synthetic classes).
+SCRIPT_CONFIG = {"num_labels": 8, "num_tokens": 16, "num_stages": 2, "stage_widths": [16, 24], "num_neighbors": 8}
 
 
 def baseline(kind: str, backbone: nn.Module | str = "bert", seed: int = 0, **overrides: object) -> PeftModel:
@@ -147,10 +149,9 @@ def test_a_training_run_saves_what_trained_and_counts_it(kind, backbone_dir, tmp
 
     # The same model built by hand, with the saved weights loaded: exactly its trainable parameters, and the run's
     # last evaluation reproduced from them.
-    config = {"num_labels": 8, "num_tokens": 16, "num_stages": 2, "stage_widths": [16, 24], "num_neighbors": 8}
     model = get_peft_model(
         transformers.AutoModel.from_pretrained(backbone_dir, attn_implementation="eager"),
-        Any2PointConfig(**config, use_adapter=False),
+        Any2PointConfig(**SCRIPT_CONFIG, use_adapter=False),
     )
     make_baseline(model, kind)
     assert results["trainable_params"] == sum(p.numel() for p in trainable(model).values())
@@ -189,7 +190,6 @@ def test_the_backbone_learning_rate_applies_to_the_blocks_only(backbone_dir, tmp
     blocks = {name: tensor for name, tensor in saved.items() if name.startswith("base_model.model.")}
     assert blocks and all(torch.equal(t, original[n.removeprefix("base_model.model.")]) for n, t in blocks.items())
     embedder = saved["base_model.any2point.default.embedder.to_hidden.weight"]
-    config = {"num_labels": 8, "num_tokens": 16, "num_stages": 2, "stage_widths": [16, 24], "num_neighbors": 8}
     torch.manual_seed(42)  # the training script's seed: the same initial embedder
-    fresh = get_peft_model(transformers.AutoModel.from_pretrained(backbone_dir), Any2PointConfig(**config))
+    fresh = get_peft_model(transformers.AutoModel.from_pretrained(backbone_dir), Any2PointConfig(**SCRIPT_CONFIG))
     assert not torch.equal(embedder, fresh.base_model.any2point["default"].embedder.to_hidden.weight)
