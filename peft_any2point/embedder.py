@@ -48,6 +48,11 @@ class TrigonometricEncoding(nn.Module):
 RELATIVE_ALPHA, RELATIVE_BETA = 100.0, 1.0
 
 
+# When training, the gather stays out of the compiled graph: inductor turns its backward into atomic adds, slower on
+# a CPU than eager `index_add_`. Measured here (B=32, 1024 points, bf16): embedder step 1.15 s -> 0.95 s.
+_gather_outside_graph = torch.compiler.disable(gather_points, recursive=True)
+
+
 class NeighbourPooling(nn.Module):
     """The per-neighbour part of a stage: `(GELU(p_j - c) + E(d)) * E(d)`, max+mean pooled over the k neighbours.
 
@@ -63,9 +68,14 @@ class NeighbourPooling(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, point_terms: Tensor, centre_terms: Tensor, neighbor_index: Tensor, offsets: Tensor) -> Tensor:
-        grouped = self.act(gather_points(point_terms, neighbor_index) - centre_terms.unsqueeze(2))  # (B, M, k, C)
+        gather = _gather_outside_graph if torch.is_grad_enabled() and point_terms.requires_grad else gather_points
+        grouped = self.act(gather(point_terms, neighbor_index) - centre_terms.unsqueeze(2))  # (B, M, k, C)
         weight = self.offset_encoding(offsets).to(grouped.dtype)
         grouped = (grouped + weight) * weight
+        if torch.compiler.is_compiling():
+            # Inductor keeps low-precision chains unrounded in fp32, but stores the max rounded; `amax`'s backward
+            # then finds no element equal to it and divides by a zero count (NaN gradients under bf16 autocast).
+            grouped = grouped.float()
         return self.norm(grouped.amax(dim=2) + grouped.mean(dim=2))  # (B, M, C)
 
 
