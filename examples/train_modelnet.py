@@ -228,7 +228,13 @@ def main(argv: list[str] | None = None) -> dict:
                 loss = model(points=points, labels=batch["labels"]).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if not torch.isfinite(grad_norm):
+                        raise FloatingPointError(
+                            f"non-finite gradient norm ({grad_norm.item()}) at step {progress.step + 1}, epoch "
+                            f"{epoch + 1}; the weights were not updated. Resume from the last checkpoint in "
+                            f"{output_dir} with a lower --learning_rate or another --mixed_precision"
+                        )
                 optimizer.step()
                 optimizer.zero_grad()
             progress.loss_sum += accelerator.reduce(loss.detach(), "mean").item()

@@ -35,11 +35,14 @@ RECIPE_ARGS = ["--num_epochs", "2", "--batch_size", "8", "--warmup_epochs", "1",
 TIMING_KEYS = {"train_samples_per_second", "eval_samples_per_second", "wall_time_s"}
 
 
-def run_script(*args: str | os.PathLike, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def run_script(
+    *args: str | os.PathLike, launcher: tuple[str, ...] = (), check: bool = True
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [*(launcher or (sys.executable,)), *map(str, args)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{command} failed:\n{result.stderr[-4000:]}"
+    if check:
+        assert result.returncode == 0, f"{command} failed:\n{result.stderr[-4000:]}"
     return result
 
 
@@ -208,6 +211,19 @@ def test_evaluate_refuses_an_adapter_for_another_number_of_classes(backbone_dir,
     evaluate_script = load_script(EVALUATE)
     with pytest.raises(ValueError, match="the adapter classifies 5 classes but synthetic has 8"):
         evaluate_script.main(["--adapter_path", str(tmp_path), "--dataset", "synthetic", "--num_points", "64"])
+
+
+def test_training_stops_with_a_clear_error_on_a_non_finite_gradient(backbone_dir, tmp_path):
+    # A learning rate of 1e30 sends the weights to ~1e30 after the first step, so the second step's loss overflows.
+    result = run_script(
+        TRAIN, "--model_name_or_path", backbone_dir, *DATA_ARGS, *MODEL_ARGS,
+        "--num_epochs", "1", "--batch_size", "8", "--warmup_epochs", "0", "--learning_rate", "1e30",
+        "--output_dir", tmp_path, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "FloatingPointError: non-finite gradient norm" in result.stderr
+    assert "at step 2, epoch 1; the weights were not updated" in result.stderr
+    assert not (tmp_path / "adapter_model.safetensors").exists()
 
 
 def test_train_script_rejects_a_malformed_checkpointing_interval(capsys):
