@@ -81,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_stages", type=int, default=3)
     parser.add_argument("--stage_widths", type=int, nargs="+", default=None, help="Default: 48, 96, 192, ...")
     parser.add_argument("--num_neighbors", type=int, default=24)
+    parser.add_argument(
+        "--outlier_neighbors", type=int, default=0, help="Outlier filter before the embedder (0: off; e.g. 8)."
+    )
+    parser.add_argument("--outlier_std_ratio", type=float, default=3.0)
     parser.add_argument("--adapter_dim", type=int, default=16)
     parser.add_argument("--projection", default="auto", choices=("auto", "1d", "2d", "learned", "none"))
     parser.add_argument("--num_views", type=int, default=6, help="Virtual views averaged by the projection.")
@@ -164,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
         num_stages=args.num_stages,
         stage_widths=args.stage_widths or [48 * 2**stage for stage in range(args.num_stages)],
         num_neighbors=args.num_neighbors,
+        outlier_neighbors=args.outlier_neighbors,
+        outlier_std_ratio=args.outlier_std_ratio,
         adapter_dim=args.adapter_dim,
         projection=args.projection,
         num_views=args.num_views,

@@ -47,6 +47,18 @@ class Any2PointConfig(PeftConfig):
     )
     trig_alpha: float = field(default=1000.0, metadata={"help": "Frequency base of the trigonometric point encoding."})
     trig_beta: float = field(default=100.0, metadata={"help": "Scale applied to coordinates before the sin/cos."})
+    outlier_neighbors: int = field(
+        default=0,
+        metadata={
+            "help": "Statistical outlier filter before the embedder, off at 0: a point whose mean distance to this "
+            "many nearest points is unusually large moves onto its nearest inlier, so that farthest point sampling "
+            "does not make tokens of stray points. Costs an N x N kNN per cloud."
+        },
+    )
+    outlier_std_ratio: float = field(
+        default=3.0,
+        metadata={"help": "Outlier threshold: robust standard deviations above the cloud's median isolation."},
+    )
     projection: ProjectionKind = field(
         default="auto",
         metadata={
@@ -111,6 +123,11 @@ class Any2PointConfig(PeftConfig):
             )
         if self.num_tokens < 1 or self.num_neighbors < 1:
             raise ValueError(f"num_tokens and num_neighbors must be >= 1, got {self.num_tokens}, {self.num_neighbors}")
+        if self.outlier_neighbors < 0 or self.outlier_std_ratio <= 0:
+            raise ValueError(
+                f"outlier_neighbors must be >= 0 and outlier_std_ratio > 0, got {self.outlier_neighbors}, "
+                f"{self.outlier_std_ratio}"
+            )
         if self.point_encoding_dim % 6:
             raise ValueError(
                 f"point_encoding_dim must be a multiple of 6 (sin and cos per axis), got {self.point_encoding_dim}"

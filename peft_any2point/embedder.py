@@ -13,11 +13,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from peft_any2point.ops import farthest_point_sampling, gather_points, knn_indices
+from peft_any2point.ops import MAD_TO_STD, farthest_point_sampling, gather_points, knn_indices, snap_outliers
 
 
 _MIN_SPREAD = 1e-5  # keeps a cloud whose points all coincide finite
-_MAD_TO_STD = 1.4826  # median absolute deviation -> standard deviation, for normally distributed values
 
 
 def robust_spread(offsets: Tensor) -> Tensor:
@@ -26,7 +25,7 @@ def robust_spread(offsets: Tensor) -> Tensor:
     A median, not the standard deviation: a few far-off groups (around outliers, which FPS picks first) would
     inflate a standard deviation and shrink every other group's normalised offsets towards zero.
     """
-    return offsets.flatten(1).abs().median(dim=1).values.mul(_MAD_TO_STD).add(_MIN_SPREAD)
+    return offsets.flatten(1).abs().median(dim=1).values.mul(MAD_TO_STD).add(_MIN_SPREAD)
 
 
 class TrigonometricEncoding(nn.Module):
@@ -124,8 +123,11 @@ class PointEmbedder(nn.Module):
         encoding_dim: int,
         trig_alpha: float,
         trig_beta: float,
+        outlier_neighbors: int = 0,
+        outlier_std_ratio: float = 3.0,
     ) -> None:
         super().__init__()
+        self.outlier_neighbors, self.outlier_std_ratio = outlier_neighbors, outlier_std_ratio
         self.encoding = TrigonometricEncoding(encoding_dim, trig_alpha, trig_beta)
         widths = [encoding_dim, *stage_widths]
         self.stages = nn.ModuleList(
@@ -135,6 +137,8 @@ class PointEmbedder(nn.Module):
         self.to_hidden = nn.Linear(stage_widths[-1], hidden_size)
 
     def forward(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        if self.outlier_neighbors:
+            points = snap_outliers(points, self.outlier_neighbors, self.outlier_std_ratio)
         xyz, features = points, self.encoding(points)  # (B, N, 3), (B, N, E)
         for stage, num_centres in zip(self.stages, self.centres_per_stage, strict=True):
             xyz, features = stage(xyz, features, num_centres)

@@ -118,6 +118,8 @@ class Any2PointModules(nn.Module):
             encoding_dim=config.point_encoding_dim,
             trig_alpha=config.trig_alpha,
             trig_beta=config.trig_beta,
+            outlier_neighbors=config.outlier_neighbors,
+            outlier_std_ratio=config.outlier_std_ratio,
         )
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
         if config.projection == "learned":

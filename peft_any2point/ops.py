@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 
 
-__all__ = ["available_backends", "default_backend", "farthest_point_sampling", "gather_points", "knn_indices"]
+__all__ = [
+    "available_backends",
+    "default_backend",
+    "farthest_point_sampling",
+    "gather_points",
+    "knn_indices",
+    "snap_outliers",
+]
 
 
 def _check_points(name: str, points: Tensor) -> None:
@@ -185,6 +192,44 @@ def gather_points(values: Tensor, indices: Tensor) -> Tensor:
     flat_index = (indices.reshape(batch, -1) + offsets[:, None]).reshape(-1)  # (B * L,)
     flat = values.reshape(batch * num_points, *values.shape[2:]).index_select(0, flat_index)  # (B * L, *rest)
     return flat.view(*indices.shape, *values.shape[2:])
+
+
+# --------------------------------------------------------------------------- outliers
+
+
+MAD_TO_STD = 1.4826  # median absolute deviation -> standard deviation, for normally distributed values
+_MIN_RELATIVE_SPREAD = 0.1  # evenly spaced points have no spread: a floor keeps their edges from counting as outliers
+
+
+def snap_outliers(points: Tensor, num_neighbors: int, std_ratio: float) -> Tensor:
+    """Move isolated points onto their nearest inlier: statistical outlier removal that keeps the shape (B, N, 3).
+
+    A point is an outlier when the mean distance to its `num_neighbors` nearest points exceeds the cloud's median
+    of that statistic by `std_ratio` robust standard deviations (median absolute deviation), so that the outliers
+    themselves do not widen the threshold. Farthest point sampling would otherwise pick stray points first and make
+    tokens of them. Each outlier takes the coordinates of its nearest inlier neighbour (or, with none among its
+    neighbours, of the cloud's least isolated point), which FPS never picks twice; the count N stays fixed.
+    """
+    _check_points("points", points)
+    num_points = points.shape[1]
+    if not 1 <= num_neighbors < num_points:
+        raise ValueError(f"num_neighbors must be between 1 and num_points - 1 ({num_points - 1}), got {num_neighbors}")
+    with torch.no_grad(), _no_autocast(points.device):
+        xyz = points.float()
+        neighbors = knn_indices(xyz, xyz, num_neighbors + 1)  # (B, N, k + 1), the point itself among them
+        distances = (gather_points(xyz, neighbors) - xyz.unsqueeze(2)).norm(dim=-1)  # (B, N, k + 1), ascending
+        isolation = distances[..., 1:].mean(dim=-1)  # (B, N); a duplicate may come before the point, at distance 0
+        median = isolation.median(dim=1, keepdim=True).values
+        spread = (isolation - median).abs().median(dim=1, keepdim=True).values * MAD_TO_STD
+        spread = torch.maximum(spread, _MIN_RELATIVE_SPREAD * median)
+        outlier = isolation > median + std_ratio * spread  # (B, N)
+        inlier_neighbor = ~gather_points(outlier, neighbors)  # (B, N, k + 1)
+        first_inlier = inlier_neighbor.int().argmax(dim=-1, keepdim=True)  # (B, N, 1), 0 when there is none
+        target = neighbors.gather(-1, first_inlier).squeeze(-1)  # (B, N)
+        least_isolated = isolation.argmin(dim=1, keepdim=True).expand(-1, num_points)  # (B, N)
+        target = torch.where(inlier_neighbor.any(dim=-1), target, least_isolated)
+        target = torch.where(outlier, target, torch.arange(num_points, device=points.device))
+    return gather_points(points, target)
 
 
 # --------------------------------------------------------------------------- optional backends

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from peft_any2point.embedder import RELATIVE_ALPHA, RELATIVE_BETA, GroupingStage, PointEmbedder, robust_spread
-from peft_any2point.ops import farthest_point_sampling, knn_indices
+from peft_any2point.ops import farthest_point_sampling, knn_indices, snap_outliers
 
 
 def sincos(values: torch.Tensor, dim: int, alpha: float, beta: float) -> torch.Tensor:
@@ -22,7 +22,7 @@ def sincos(values: torch.Tensor, dim: int, alpha: float, beta: float) -> torch.T
     return torch.tensor(parts[:dim])
 
 
-def tiny_embedder() -> PointEmbedder:
+def tiny_embedder(**options) -> PointEmbedder:
     """32-wide tokens, 8 of them, from 2 stages (16 then 8 centres) of 4 neighbours."""
     return PointEmbedder(
         hidden_size=32,
@@ -32,6 +32,7 @@ def tiny_embedder() -> PointEmbedder:
         encoding_dim=12,
         trig_alpha=1000,
         trig_beta=100,
+        **options,
     )
 
 
@@ -79,6 +80,20 @@ def test_embedder_stays_finite_when_all_points_coincide():
     tokens, centres = embedder(torch.full((2, 64, 3), 0.3))
     assert torch.isfinite(tokens).all()
     torch.testing.assert_close(centres, torch.full((2, 8, 3), 0.3))
+
+
+def test_outlier_filter_keeps_stray_points_out_of_the_token_centres():
+    torch.manual_seed(4)
+    points = F.normalize(torch.randn(2, 64, 3), dim=-1)
+    points[:, :2] *= 4  # two far-off points per cloud: FPS would pick them first
+    filtering = tiny_embedder(outlier_neighbors=6)
+    plain = tiny_embedder()
+    plain.load_state_dict(filtering.state_dict())
+    tokens, centres = filtering(points)
+    assert centres.norm(dim=-1).sub(1).abs().max() < 1e-6
+    assert plain(points)[1].norm(dim=-1).max() > 3.9
+    expected, _ = plain(snap_outliers(points, 6, 3.0))
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
 
 
 def parameter_gradients(embedder: PointEmbedder, points: torch.Tensor, bf16: bool = False) -> torch.Tensor:

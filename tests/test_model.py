@@ -47,8 +47,25 @@ def test_config_rejects_inconsistent_values():
         Any2PointConfig(num_stages=2, stage_widths=[8, 8, 8])
     with pytest.raises(ValueError, match="multiple of 6"):
         Any2PointConfig(point_encoding_dim=10)
+    with pytest.raises(ValueError, match=r"outlier_neighbors must be >= 0 and outlier_std_ratio > 0, got -1, 3\.0"):
+        Any2PointConfig(outlier_neighbors=-1)
     with pytest.raises(ValueError, match="num_views must be between 1 and 6"):
         attach(num_views=7)(points=torch.rand(1, 64, 3))
+
+
+def test_outlier_filter_round_trips_through_the_adapter_folder(tmp_path):
+    points = torch.nn.functional.normalize(torch.randn(2, 64, 3, generator=torch.Generator().manual_seed(5)), dim=-1)
+    points[:, 0] *= 5
+    model = attach(outlier_neighbors=6, outlier_std_ratio=2.5).eval()
+    assert model.base_model.any2point["default"].embedder.outlier_std_ratio == 2.5
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(make_backbone("bert"), tmp_path).eval()
+    config = reloaded.peft_config["default"]
+    assert (config.outlier_neighbors, config.outlier_std_ratio) == (6, 2.5)
+    assert torch.equal(reloaded(points=points).logits, model(points=points).logits)
+    unfiltered = attach().eval()
+    unfiltered.load_state_dict(model.state_dict())
+    assert not torch.equal(unfiltered(points=points).logits, model(points=points).logits)
 
 
 # ----- every architecture: inject, train, save, reload ---------------------------------------------------------

@@ -20,6 +20,7 @@ from peft_any2point.ops import (
     farthest_point_sampling,
     gather_points,
     knn_indices,
+    snap_outliers,
 )
 
 
@@ -255,6 +256,69 @@ def test_gather_points_gradient_accumulates_repeated_indices() -> None:
     assert features.grad[0, 0].tolist() == [2.0, 2.0, 2.0] and features.grad[0, 1].abs().sum() == 0
 
 
+# --------------------------------------------------------------------------- outliers
+
+
+def _reference_snap(cloud: np.ndarray, k: int, std_ratio: float) -> np.ndarray:
+    """Statistical outlier removal point by point in float64: outliers take their nearest inlier's coordinates."""
+    dist = np.sqrt(((cloud[:, None].astype(np.float64) - cloud[None].astype(np.float64)) ** 2).sum(-1))
+    np.fill_diagonal(dist, np.inf)
+    nearest = np.argsort(dist, axis=1)[:, :k]  # (N, k), the point itself excluded
+    isolation = np.take_along_axis(dist, nearest, axis=1).mean(axis=1)
+    median = np.median(isolation)
+    spread = max(np.median(np.abs(isolation - median)) * 1.4826, 0.1 * median)
+    outlier = isolation > median + std_ratio * spread
+    snapped = cloud.copy()
+    for i in np.flatnonzero(outlier):
+        inliers = [j for j in nearest[i] if not outlier[j]]
+        snapped[i] = cloud[inliers[0] if inliers else int(np.argmin(isolation))]
+    return snapped
+
+
+def _sphere_with_outliers(num_points: int, num_outliers: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, N, 3) points on the unit sphere, `num_outliers` of them (returned indices) moved out to radius 3-5."""
+    generator = torch.Generator().manual_seed(seed)
+    cloud = torch.nn.functional.normalize(torch.randn(1, num_points, 3, generator=generator), dim=-1)
+    victims = torch.randperm(num_points, generator=generator)[:num_outliers]
+    cloud[0, victims] *= 3 + 2 * torch.rand(num_outliers, 1, generator=generator)
+    return cloud, victims
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_snap_outliers_matches_a_point_by_point_reference(seed: int) -> None:
+    cloud, _ = _sphere_with_outliers(200, 6, seed)
+    cloud[0, :20] += 0.05 * torch.randn(20, 3, generator=torch.Generator().manual_seed(seed))  # milder strays too
+    expected = _reference_snap(cloud[0].numpy(), k=8, std_ratio=3.0)
+    np.testing.assert_array_equal(snap_outliers(cloud, 8, 3.0)[0].numpy(), expected)
+
+
+def test_snap_outliers_moves_far_points_onto_the_surface_and_barely_touches_the_rest() -> None:
+    cloud, victims = _sphere_with_outliers(512, 5, seed=3)
+    snapped = snap_outliers(cloud, 8, 3.0)
+    moved = (snapped != cloud).any(-1)[0]
+    assert moved[victims].all()
+    assert moved.sum() - len(victims) <= 0.03 * 512  # the sparsest true points may move, onto a neighbour
+    assert (snapped[0, moved, None] == cloud[0, None, ~moved]).all(-1).any(-1).all()  # onto points that stayed
+    assert snapped.norm(dim=-1).sub(1).abs().max() < 1e-6  # every point is back on the sphere
+    centres = gather_points(snapped, farthest_point_sampling(snapped, 64))
+    assert centres.norm(dim=-1).sub(1).abs().max() < 1e-6
+
+
+def test_snap_outliers_leaves_an_evenly_spaced_grid_alone() -> None:
+    axis = torch.linspace(-1, 1, 8)
+    grid = torch.cartesian_prod(axis, axis, axis)[None]  # corners and edges are more isolated than the middle
+    assert torch.equal(snap_outliers(grid, 8, 3.0), grid)
+
+
+def test_snap_outliers_falls_back_to_the_least_isolated_point_when_no_neighbour_is_an_inlier() -> None:
+    cloud, _ = _sphere_with_outliers(300, 0, seed=4)
+    ray = torch.linspace(3, 12, 10)[:, None] * torch.tensor([1.0, 0.0, 0.0])  # sparse: each one isolated
+    cloud = torch.cat([cloud, ray[None]], dim=1)  # the middle ones have only outliers among their 8 nearest
+    expected = _reference_snap(cloud[0].numpy(), k=8, std_ratio=3.0)
+    assert (np.linalg.norm(expected[300:], axis=1) < 1.01).all()
+    np.testing.assert_array_equal(snap_outliers(cloud, 8, 3.0)[0].numpy(), expected)
+
+
 # --------------------------------------------------------------------------- errors and backend choice
 
 
@@ -284,6 +348,8 @@ def test_gather_points_gradient_accumulates_repeated_indices() -> None:
         (lambda p: knn_indices(p, p[:1], 3), r"same batch size"),
         (lambda p: knn_indices(p, p, 3, backend="fpsample"), r"knn backend 'fpsample' is unknown or unavailable"),
         (lambda p: gather_points(p, torch.zeros(3, 4, dtype=torch.long)), r"must share the batch size"),
+        (lambda p: snap_outliers(p, 10, 3.0), r"num_neighbors must be between 1 and num_points - 1 \(9\), got 10"),
+        (lambda p: snap_outliers(p[0], 3, 3.0), r"points must have shape \(batch, num_points, 3\)"),
     ],
     ids=[
         "fps-rank",
@@ -300,6 +366,8 @@ def test_gather_points_gradient_accumulates_repeated_indices() -> None:
         "knn-batch",
         "knn-backend",
         "gather-batch",
+        "outliers-k",
+        "outliers-rank",
     ],
 )
 def test_invalid_inputs_raise_clear_errors(call, message: str) -> None:
