@@ -8,7 +8,7 @@ how far it falls below the clean accuracy. ModelNet-C's mCE is further normalise
 (DGCNN); that needs the reference's numbers and is left to the reader.
 
 Run `python -m benchmarks.bench_robustness --adapter_path <folder written by examples/train_modelnet.py>` for
-`robustness.{json,md,png}` in `--output_dir` (default `benchmarks/results/`).
+`robustness.{json,md,png}` (`--stem`) in `--output_dir` (default `benchmarks/results/`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from peft_any2point.transforms import CORRUPTIONS, SEVERITIES, corrupt
 
 
 RESULTS = Path(__file__).parent / "results"
-STEM = "robustness"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument("--stem", default="robustness", help="File names: <stem>.{json,md,png}.")
     return parser.parse_args(argv)
 
 
@@ -243,10 +243,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     results["summary"] = summarise(clean, corruptions)
     if accelerator.is_main_process:
-        atomic_write_text(args.output_dir / f"{STEM}.json", json.dumps(results, indent=2) + "\n")
-        atomic_write_text(args.output_dir / f"{STEM}.md", markdown(results))
-        plot(results, args.output_dir / f"{STEM}.png")
-        accelerator.print(f"{json.dumps(results['summary'])}\nTable and plot in {args.output_dir}/{STEM}.{{md,png}}")
+        atomic_write_text(args.output_dir / f"{args.stem}.json", json.dumps(results, indent=2) + "\n")
+        atomic_write_text(args.output_dir / f"{args.stem}.md", markdown(results))
+        plot(results, args.output_dir / f"{args.stem}.png")
+        accelerator.print(
+            f"{json.dumps(results['summary'])}\nTable and plot in {args.output_dir}/{args.stem}.{{md,png}}"
+        )
     return results
 
 
