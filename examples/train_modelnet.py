@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--outlier_neighbors", type=int, default=0, help="Outlier filter before the embedder (0: off; e.g. 8)."
     )
-    parser.add_argument("--outlier_std_ratio", type=float, default=3.0)
+    parser.add_argument("--outlier_std_ratio", type=float, default=4.0)
     parser.add_argument("--adapter_dim", type=int, default=16)
     parser.add_argument("--projection", default="auto", choices=("auto", "1d", "2d", "learned", "none"))
     parser.add_argument("--num_views", type=int, default=6, help="Virtual views averaged by the projection.")

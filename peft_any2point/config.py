@@ -56,7 +56,7 @@ class Any2PointConfig(PeftConfig):
         },
     )
     outlier_std_ratio: float = field(
-        default=3.0,
+        default=4.0,
         metadata={"help": "Outlier threshold: robust standard deviations above the cloud's median isolation."},
     )
     projection: ProjectionKind = field(

@@ -124,7 +124,7 @@ class PointEmbedder(nn.Module):
         trig_alpha: float,
         trig_beta: float,
         outlier_neighbors: int = 0,
-        outlier_std_ratio: float = 3.0,
+        outlier_std_ratio: float = 4.0,
     ) -> None:
         super().__init__()
         self.outlier_neighbors, self.outlier_std_ratio = outlier_neighbors, outlier_std_ratio

@@ -86,7 +86,7 @@ def test_outlier_filter_keeps_stray_points_out_of_the_token_centres():
     torch.manual_seed(4)
     points = F.normalize(torch.randn(2, 64, 3), dim=-1)
     points[:, :2] *= 4  # two far-off points per cloud: FPS would pick them first
-    filtering = tiny_embedder(outlier_neighbors=6)
+    filtering = tiny_embedder(outlier_neighbors=6, outlier_std_ratio=3.0)
     plain = tiny_embedder()
     plain.load_state_dict(filtering.state_dict())
     tokens, centres = filtering(points)

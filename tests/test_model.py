@@ -47,7 +47,7 @@ def test_config_rejects_inconsistent_values():
         Any2PointConfig(num_stages=2, stage_widths=[8, 8, 8])
     with pytest.raises(ValueError, match="multiple of 6"):
         Any2PointConfig(point_encoding_dim=10)
-    with pytest.raises(ValueError, match=r"outlier_neighbors must be >= 0 and outlier_std_ratio > 0, got -1, 3\.0"):
+    with pytest.raises(ValueError, match=r"outlier_neighbors must be >= 0 and outlier_std_ratio > 0, got -1, 4\.0"):
         Any2PointConfig(outlier_neighbors=-1)
     with pytest.raises(ValueError, match="num_views must be between 1 and 6"):
         attach(num_views=7)(points=torch.rand(1, 64, 3))
