@@ -35,10 +35,12 @@ from peft_any2point.data import DATASET_NAMES
 from peft_any2point.io import atomic_write_text
 from peft_any2point.metrics import compute_point_cloud_accuracy, save_png
 from peft_any2point.training import (
+    add_outlier_filter_arguments,
     check_num_labels,
     create_accelerator,
     load_adapter,
     load_split,
+    outlier_filter_overrides,
     predict,
     resolve_dataset,
 )
@@ -64,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32, help="Per process.")
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--seed", type=int, default=42)
+    add_outlier_filter_arguments(parser)
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     parser.add_argument("--stem", default="robustness", help="File names: <stem>.{json,md,png}.")
     return parser.parse_args(argv)
@@ -122,10 +125,13 @@ def markdown(results: dict[str, Any]) -> str:
     meta, summary, corruptions = results["meta"], results["summary"], results["corruptions"]
     severities = [str(severity) for severity in meta["severities"]]
     relative = "" if summary["relative_accuracy"] is None else f" ({summary['relative_accuracy']:.1%} of it)"
+    outliers = meta.get("outlier_filter")
+    filtered = f", outlier filter ({outliers['neighbors']} neighbours, {outliers['std_ratio']}σ)" if outliers else ""
     lines = [
         f"Robustness of `{meta['adapter_path']}` (base `{meta['base_model']}`) on the {meta['dataset']} test split "
         f"({meta['data_source']}): {meta['num_samples']} clouds of {meta['num_points']} points, seed {meta['seed']}, "
-        f"{'bf16 autocast' if meta['mixed_precision'] == 'bf16' else 'fp32'}; {meta['date']}, {meta['machine']}.",
+        f"{'bf16 autocast' if meta['mixed_precision'] == 'bf16' else 'fp32'}{filtered}; {meta['date']}, "
+        f"{meta['machine']}.",
         "",
         f"Clean OA {summary['clean_accuracy']:.2%}; mean OA over {len(corruptions)} corruptions × {len(severities)} "
         f"severities {summary['mean_accuracy']:.2%} (error {summary['mean_error']:.2%}), "
@@ -165,6 +171,14 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     return save_png(fig, path)
 
 
+def outlier_filter(model: torch.nn.Module) -> dict[str, float] | None:
+    """The outlier filter the evaluated adapter runs with (None when off)."""
+    config = model.peft_config[model.active_adapter]
+    if not config.outlier_neighbors:
+        return None
+    return {"neighbors": config.outlier_neighbors, "std_ratio": config.outlier_std_ratio}
+
+
 def machine_name(accelerator: Accelerator) -> str:
     device = accelerator.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
@@ -174,7 +188,9 @@ def machine_name(accelerator: Accelerator) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     accelerator = create_accelerator(args.mixed_precision)
-    model, base = load_adapter(args.adapter_path, args.model_name_or_path, accelerator.device)
+    model, base = load_adapter(
+        args.adapter_path, args.model_name_or_path, accelerator.device, config_overrides=outlier_filter_overrides(args)
+    )
     num_points = args.num_points or trained_num_points(args.adapter_path)
     if num_points is None:
         raise ValueError(
@@ -234,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
             "batch_size": args.batch_size,
             "mixed_precision": args.mixed_precision,
+            "outlier_filter": outlier_filter(accelerator.unwrap_model(model)),
             "machine": machine_name(accelerator),
             "torch": torch.__version__,
             "elapsed_s": round(time.perf_counter() - start, 1),

@@ -17,10 +17,12 @@ from torch.utils.data import DataLoader
 import peft_any2point  # noqa: F401  (registers the Any2Point method with peft; import before loading)
 from peft_any2point.data import DATASET_NAMES
 from peft_any2point.training import (
+    add_outlier_filter_arguments,
     check_num_labels,
     create_accelerator,
     load_adapter,
     load_split,
+    outlier_filter_overrides,
     point_cloud_metrics,
     predict,
     resolve_dataset,
@@ -41,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--voting", type=int, default=1, help="Copies averaged per cloud (1 = no voting).")
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--seed", type=int, default=42)
+    add_outlier_filter_arguments(parser)
     parser.add_argument("--output_file", default=None, help="Default: <adapter_path>/eval_results.json.")
     args = parser.parse_args(argv)
     if args.voting < 1:
@@ -51,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = create_accelerator(args.mixed_precision)
-    model, base = load_adapter(args.adapter_path, args.model_name_or_path, accelerator.device)
+    model, base = load_adapter(
+        args.adapter_path, args.model_name_or_path, accelerator.device, config_overrides=outlier_filter_overrides(args)
+    )
 
     dataset, source = resolve_dataset(args.dataset, args.data_dir)
     test = load_split(dataset, "test", args.data_dir, args.num_points, args.max_eval_samples, args.seed)

@@ -16,6 +16,7 @@ optimizer and scheduler continue from their saved states.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -358,12 +359,37 @@ def load_adapter(
     model_name_or_path: str | None = None,
     device: torch.device | None = None,
     attn_implementation: str = "auto",
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> tuple[PeftModel, str]:
     """A saved adapter on its base model (the one its `adapter_config.json` names, unless overridden), and that
-    base model's name or path."""
-    base = model_name_or_path or PeftConfig.from_pretrained(adapter_path).base_model_name_or_path
+    base model's name or path.
+
+    `config_overrides` changes config fields that need no weights, e.g. `{"outlier_neighbors": 8}` to evaluate an
+    adapter trained without the outlier filter with it; the config validates them again.
+    """
+    config = PeftConfig.from_pretrained(adapter_path)
+    if config_overrides:
+        config = type(config)(**{**config.to_dict(), **config_overrides})
+    base = model_name_or_path or config.base_model_name_or_path
     backbone = load_backbone(base, device or torch.device("cpu"), attn_implementation)
-    return PeftModel.from_pretrained(backbone, adapter_path), base
+    return PeftModel.from_pretrained(backbone, adapter_path, config=config), base
+
+
+def add_outlier_filter_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--outlier_neighbors` and `--outlier_std_ratio` for scripts that evaluate a saved adapter."""
+    parser.add_argument(
+        "--outlier_neighbors",
+        type=int,
+        default=None,
+        help="Evaluate with the outlier filter (default: the adapter's).",
+    )
+    parser.add_argument("--outlier_std_ratio", type=float, default=None, help="Default: the adapter's.")
+
+
+def outlier_filter_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The `load_adapter` overrides that `add_outlier_filter_arguments` asked for."""
+    names = ("outlier_neighbors", "outlier_std_ratio")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def check_num_labels(model: PeftModel, dataset: str, class_names: Sequence[str]) -> None:

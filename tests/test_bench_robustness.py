@@ -14,6 +14,7 @@ from peft import get_peft_model
 
 from benchmarks import bench_robustness
 from peft_any2point.data import SYNTHETIC_CLASSES
+from peft_any2point.ops import snap_outliers
 from peft_any2point.training import load_split
 from peft_any2point.transforms import CORRUPTIONS, SEVERITIES, corrupt
 from tests.conftest import TINY, tiny_config
@@ -96,3 +97,21 @@ def test_accuracies_match_the_model_run_independently(adapter, run):
             reported[name, severity] = results["corruptions"][name]["severities"][str(severity)]["accuracy"]
     assert len(set(expected.values())) > 1, "the random adapter scores alike on every input: pick another SEED"
     assert reported == expected
+
+
+def test_outlier_filter_override_evaluates_the_adapter_on_snapped_clouds(adapter, tmp_path):
+    args = ["--adapter_path", str(adapter[0]), "--dataset", "synthetic", "--max_eval_samples", str(NUM_SAMPLES)]
+    args += ["--seed", str(SEED), "--output_dir", str(tmp_path), "--stem", "filtered", "--corruptions", "add_outliers"]
+    results = bench_robustness.main([*args, "--outlier_neighbors", "6", "--outlier_std_ratio", "3"])
+    assert results["meta"]["outlier_filter"] == {"neighbors": 6, "std_ratio": 3.0}
+    assert "outlier filter (6 neighbours, 3.0σ)" in (tmp_path / "filtered.md").read_text(encoding="utf-8")
+    assert (tmp_path / "filtered.json").is_file() and (tmp_path / "filtered.png").is_file()
+
+    model = adapter[1]
+    test = load_split("synthetic", "test", num_points=NUM_POINTS, max_samples=NUM_SAMPLES, seed=SEED)[:]
+    for severity in SEVERITIES:
+        generator = torch.Generator().manual_seed(bench_robustness.corruption_seed(SEED, "add_outliers", severity))
+        snapped = snap_outliers(corrupt(test["points"], "add_outliers", severity, generator=generator), 6, 3.0)
+        with torch.no_grad():
+            correct = (model(points=snapped).logits.argmax(-1) == test["labels"]).sum().item()
+        assert results["corruptions"]["add_outliers"]["severities"][str(severity)]["accuracy"] == correct / NUM_SAMPLES
