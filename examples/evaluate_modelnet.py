@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dataset": dataset,
         "data_source": source,
         "voting": args.voting,
+        "config_overrides": outlier_filter_overrides(args),
         **metrics,
     }
     if accelerator.is_main_process:

@@ -21,6 +21,7 @@ from huggingface_hub.utils import filter_repo_objects
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+from peft_any2point.ops import snap_outliers
 from peft_any2point.training import BUNDLED_MINILM_HUB_ID, bundled_minilm_path, hub_base_model_id, load_split
 from tests.conftest import tiny_config
 
@@ -203,6 +204,21 @@ def test_evaluate_script_votes_over_augmented_copies(trained_run, tmp_path):
     single = json.loads((output_dir / "results.json").read_text())["test_metrics"]  # the same clouds, one copy each
     assert voted["voting"] == 3 and voted["num_samples"] == 16
     assert voted["loss"] != pytest.approx(single["loss"])  # the augmented copies changed the averaged logits
+
+
+def test_evaluate_script_applies_the_outlier_filter_override(trained_run, backbone_dir, tmp_path):
+    output_dir, _ = trained_run
+    run_script(EVALUATE, "--adapter_path", output_dir, *DATA_ARGS[:4], "--max_eval_samples", "16",
+               "--outlier_neighbors", "4", "--outlier_std_ratio", "1", "--output_file", tmp_path / "eval.json")  # fmt: skip
+    reported = json.loads((tmp_path / "eval.json").read_text())
+    assert reported["config_overrides"] == {"outlier_neighbors": 4, "outlier_std_ratio": 1.0}
+    test = load_split("synthetic", "test", num_points=64, max_samples=16, seed=42)[:]
+    snapped = snap_outliers(test["points"], 4, 1.0)
+    assert not torch.equal(snapped, test["points"])  # a low threshold: some points do move
+    model = PeftModel.from_pretrained(transformers.AutoModel.from_pretrained(backbone_dir), output_dir).eval()
+    with torch.no_grad():
+        predictions = model(points=snapped).logits.argmax(-1)
+    assert reported["accuracy"] == pytest.approx((predictions == test["labels"]).float().mean().item())
 
 
 def test_evaluate_refuses_an_adapter_for_another_number_of_classes(backbone_dir, tmp_path):
