@@ -164,7 +164,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         ylabel="overall accuracy (%)",
         xticks=meta["severities"],
         ylim=(0, 100),
-        title=f"{Path(meta['adapter_path']).name} on {meta['dataset']} ({meta['num_samples']} test clouds)",
+        title=f"{Path(meta['adapter_path']).name} on {meta['dataset']} ({meta['num_samples']} test clouds)"
+        + (", outlier filter" if meta.get("outlier_filter") else ""),
     )
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
