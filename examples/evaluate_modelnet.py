@@ -54,8 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = create_accelerator(args.mixed_precision)
+    overrides = outlier_filter_overrides(args)
     model, base = load_adapter(
-        args.adapter_path, args.model_name_or_path, accelerator.device, config_overrides=outlier_filter_overrides(args)
+        args.adapter_path, args.model_name_or_path, accelerator.device, config_overrides=overrides
     )
 
     dataset, source = resolve_dataset(args.dataset, args.data_dir)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dataset": dataset,
         "data_source": source,
         "voting": args.voting,
-        "config_overrides": outlier_filter_overrides(args),
+        "config_overrides": overrides,
         **metrics,
     }
     if accelerator.is_main_process:

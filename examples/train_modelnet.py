@@ -82,9 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage_widths", type=int, nargs="+", default=None, help="Default: 48, 96, 192, ...")
     parser.add_argument("--num_neighbors", type=int, default=24)
     parser.add_argument(
-        "--outlier_neighbors", type=int, default=0, help="Outlier filter before the embedder (0: off; e.g. 8)."
+        "--outlier_neighbors",
+        type=int,
+        default=Any2PointConfig.outlier_neighbors,
+        help="Outlier filter before the embedder (0: off; e.g. 8).",
     )
-    parser.add_argument("--outlier_std_ratio", type=float, default=4.0)
+    parser.add_argument("--outlier_std_ratio", type=float, default=Any2PointConfig.outlier_std_ratio)
     parser.add_argument("--adapter_dim", type=int, default=16)
     parser.add_argument("--projection", default="auto", choices=("auto", "1d", "2d", "learned", "none"))
     parser.add_argument("--num_views", type=int, default=6, help="Virtual views averaged by the projection.")
