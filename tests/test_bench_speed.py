@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+from peft import get_peft_model
 from torch import nn
 from transformers import BertConfig, BertModel
 
 from benchmarks import bench_speed
+from peft_any2point import Any2PointConfig
 
 
 BERT_BASE_PARAMETERS = 109_482_240  # BertModel(BertConfig()): bert-base-uncased with its pooler
@@ -139,3 +141,22 @@ def test_parameter_counts(result: dict[str, Any]) -> None:
         assert counts["total_without_word_embeddings"] == counts["total"] - counts["word_embeddings"]
         # fp32 tensors plus a safetensors header of names and shapes
         assert 4 * counts["trainable"] < counts["adapter_file_bytes"] < 4 * counts["trainable"] + 2**16
+
+
+@pytest.mark.parametrize("backbone_dropout", [False, True])
+def test_bare_and_any2point_training_steps_run_the_blocks_in_the_same_dropout_mode(backbone_dropout: bool) -> None:
+    backbone = bench_speed.build_backbone("tiny")
+    config = Any2PointConfig(num_labels=40, num_tokens=16, backbone_dropout=backbone_dropout)
+    peft_model = get_peft_model(backbone, config)
+    args = bench_speed.parse_args(["--quick", "--backbone", "tiny", "--num_points", "64", "--batch_size", "2"])
+    steps = bench_speed.make_steps(peft_model, backbone, config, args)
+    dropout_modes: dict[str, set[bool]] = {"bare": set(), "any2point": set()}
+    current = "bare"
+    for module in backbone.modules():
+        if isinstance(module, nn.Dropout):
+            module.register_forward_pre_hook(lambda m, _: dropout_modes[current].add(m.training))
+    peft_model.train()
+    for current in dropout_modes:
+        steps[current, "train", "fp32"]()
+    assert dropout_modes == {"bare": {backbone_dropout}, "any2point": {backbone_dropout}}
+    assert backbone.training  # the shared backbone is left in the peft model's mode
