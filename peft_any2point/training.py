@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PreTrainedModel
 
 from peft_any2point.data import DATA_DIR_ENV, DEFAULT_DATA_DIR, load_point_cloud_dataset, resolve_data_dir
 from peft_any2point.hub import ADAPTER_FILES
@@ -98,7 +98,7 @@ def load_backbone(model_name_or_path: str, device: torch.device, attn_implementa
     )
 
 
-def backbone_class(model_name_or_path: str) -> type[PreTrainedModel]:
+def backbone_class(model_name_or_path: str) -> type[PreTrainedModel] | type[AutoModel]:
     """The class that a saved backbone names, when it is a headless model of its type; else `AutoModel`.
 
     `AutoModel` maps a model type to one class, so a saved `WhisperEncoder` would come back as a `WhisperModel`
@@ -107,10 +107,9 @@ def backbone_class(model_name_or_path: str) -> type[PreTrainedModel]:
     `AutoModel`, whose base model is the backbone.
     """
     config = AutoConfig.from_pretrained(model_name_or_path)
-    if len(config.architectures or []) != 1 or "For" in config.architectures[0]:
+    if len(config.architectures or []) != 1 or "For" in config.architectures[0] or type(config) not in MODEL_MAPPING:
         return AutoModel
-    default = AutoModel._model_mapping[type(config)]
-    named = getattr(sys.modules[default.__module__], config.architectures[0], None)
+    named = getattr(sys.modules[MODEL_MAPPING[type(config)].__module__], config.architectures[0], None)
     if isinstance(named, type) and issubclass(named, PreTrainedModel):
         return named
     return AutoModel
