@@ -25,9 +25,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS
 python3 -c "import torch, pyarrow, transformers, peft; print('torch', torch.__version__, 'pyarrow', pyarrow.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())"
 
-backbone=${BACKBONE:-.carry/minilm}
+export BACKBONE=${BACKBONE:-.carry/minilm}
 mkdir -p /tmp/backbone "$OUT"
-BACKBONE=$backbone python3 - <<'EOF'
+python3 - <<'EOF'
 import os
 import shutil
 from safetensors.torch import load_file, save_file
