@@ -46,6 +46,7 @@ from benchmarks.timing import interleaved_median
 from peft_any2point import Any2PointConfig
 from peft_any2point.adapter import LocalGeometry
 from peft_any2point.io import atomic_write_text
+from peft_any2point.model import backbone_dropout_mode
 
 
 RESULTS = Path(__file__).parent / "results"
@@ -231,21 +232,6 @@ def inference_step(forward: Callable[[], object], precision: str) -> Phases:
     return {"forward": (start, time.perf_counter())}
 
 
-@contextlib.contextmanager
-def blocks_as_any2point_runs_them(backbone: nn.Module, config: Any2PointConfig) -> Iterator[None]:
-    """Run the bare backbone without dropout unless `config.backbone_dropout`, as Any2Point's forward runs its blocks.
-
-    The backbone is shared and follows the peft model's train mode; without this the bare training step paid for
-    dropout that the Any2Point step skips (MiniLM, bf16, 2 cores: 1.1 s against 0.46 s), which flattered the ratio.
-    """
-    training = backbone.training
-    backbone.train(training and config.backbone_dropout)
-    try:
-        yield
-    finally:
-        backbone.train(training)
-
-
 def make_steps(
     peft_model: nn.Module, backbone: BertModel, config: Any2PointConfig, args: argparse.Namespace
 ) -> dict[tuple[str, str, str], Callable[[], Phases]]:
@@ -264,7 +250,9 @@ def make_steps(
         return peft_model(points=points, labels=labels).loss
 
     def bare_loss() -> Tensor:
-        with blocks_as_any2point_runs_them(backbone, config):
+        # The shared backbone follows the peft model's train mode: run it as Any2Point runs its blocks, or the bare
+        # step pays for dropout the Any2Point step skips (MiniLM, bf16, 2 cores: 1.1 s against 0.46 s).
+        with backbone_dropout_mode(backbone, config.backbone_dropout):
             return backbone(inputs_embeds=bare_input).last_hidden_state.float().square().mean()
 
     steps = {}

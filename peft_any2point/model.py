@@ -8,6 +8,8 @@ instance, to `Any2PointModel.forward_points` whenever it is called with `points=
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +82,18 @@ def resolve_projection(config: Any2PointConfig, spec: BackboneSpec) -> str:
             raise ValueError(f"projection='rotary' needs a rotary-position backbone; {spec.architecture} is not one")
         return config.projection
     return {"1d": "1d", "2d": "2d", "rotary": "rotary", "none": "1d"}[spec.layout]
+
+
+@contextlib.contextmanager
+def backbone_dropout_mode(blocks: nn.Module, backbone_dropout: bool) -> Iterator[None]:
+    """Run frozen `blocks` without their dropout unless `backbone_dropout` (`Any2PointConfig`), then restore their
+    train mode: without dropout they compute in training exactly what they compute at inference."""
+    training = blocks.training
+    blocks.train(training and backbone_dropout)
+    try:
+        yield
+    finally:
+        blocks.train(training)
 
 
 class PointClassificationHead(nn.Module):
@@ -389,17 +403,12 @@ class Any2PointModel(BaseTuner):
         mask = full_attention_mask(spec, hidden)
         rotary = self._rotary_embeddings(modules, config, views, hidden) if spec.layout == "rotary" else None
         adapter_dtype = modules.cls_token.dtype
-        blocks_training = spec.blocks.training
-        if not config.backbone_dropout:
-            spec.blocks.eval()
-        try:
+        with backbone_dropout_mode(spec.blocks, config.backbone_dropout):
             for index, block in enumerate(spec.blocks):
                 extra = {"position_embeddings": rotary[index]} if rotary is not None else {}
                 hidden = run_block(block, hidden, mask, **extra)
                 if config.use_adapter:
                     hidden = modules.adapters[index](hidden.to(adapter_dtype), geometry).to(backbone_dtype)
-        finally:
-            spec.blocks.train(blocks_training)
 
         hidden = modules.norm(hidden.to(adapter_dtype))
         logits = modules.head(hidden)

@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
-from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PreTrainedModel
+from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from peft_any2point.data import DATA_DIR_ENV, DEFAULT_DATA_DIR, load_point_cloud_dataset, resolve_data_dir
 from peft_any2point.hub import ADAPTER_FILES
@@ -93,12 +93,13 @@ def load_backbone(model_name_or_path: str, device: torch.device, attn_implementa
     """
     if attn_implementation == "auto":
         attn_implementation = "eager" if device.type == "cpu" else None
-    return backbone_class(model_name_or_path).from_pretrained(
-        model_name_or_path, attn_implementation=attn_implementation
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    return backbone_class(config).from_pretrained(
+        model_name_or_path, config=config, attn_implementation=attn_implementation
     )
 
 
-def backbone_class(model_name_or_path: str) -> type[PreTrainedModel] | type[AutoModel]:
+def backbone_class(config: PretrainedConfig) -> type[PreTrainedModel] | type[AutoModel]:
     """The class that a saved backbone names, when it is a headless model of its type; else `AutoModel`.
 
     `AutoModel` maps a model type to one class, so a saved `WhisperEncoder` would come back as a `WhisperModel`
@@ -106,7 +107,6 @@ def backbone_class(model_name_or_path: str) -> type[PreTrainedModel] | type[Auto
     does not export every encoder at the top level); classes with a task head (`...For...`) still go through
     `AutoModel`, whose base model is the backbone.
     """
-    config = AutoConfig.from_pretrained(model_name_or_path)
     if len(config.architectures or []) != 1 or "For" in config.architectures[0] or type(config) not in MODEL_MAPPING:
         return AutoModel
     named = getattr(sys.modules[MODEL_MAPPING[type(config)].__module__], config.architectures[0], None)
