@@ -86,7 +86,7 @@ def bench_size(num_points: int, batch: int, args: argparse.Namespace) -> list[di
                 "op": op,
                 "num_points": num_points,
                 "batch": batch,
-                "auto": default_backend(op, args.device, args.k) if op != "group" else "torch",
+                "auto": default_backend(op, args.device, args.k, num_points) if op != "group" else "torch",
                 "backends": {
                     name: {"median_ms": ms, "runs": runs, "ratio_to_fastest": ms / fastest}
                     for name, (ms, runs) in times.items()

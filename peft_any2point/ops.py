@@ -106,7 +106,7 @@ def farthest_point_sampling(
         )
     elif bool(((start_index < 0) | (start_index >= num_points)).any()):
         raise ValueError(f"start_index values must be in [0, {num_points})")
-    run = _IMPLEMENTATIONS["fps"][_choose("fps", points.device, backend, 0)]
+    run = _IMPLEMENTATIONS["fps"][_choose("fps", points.device, backend, 0, num_points)]
     with torch.no_grad(), _no_autocast(points.device):
         return run(points, num_samples, start_index.to(points.device))
 
@@ -136,8 +136,11 @@ def _knn_torch(queries: Tensor, points: Tensor, k: int) -> Tensor:
     queries, points = queries.float(), points.float()
     chunk = _KNN_CHUNK_ELEMENTS.get(points.device.type, _KNN_CHUNK_ELEMENTS["cuda"])
     step = max(1, chunk // (batch * points.shape[1]))
+    # Distances are finite and >= 0, whose IEEE bit patterns order like int32s; `topk` on int32 skips the float
+    # comparisons' NaN handling (about 20% faster on CPU for k=32 of 1024).
     chunks = [
         _distances(queries[:, i : i + step], points)
+        .view(torch.int32)
         .topk(k, dim=-1, largest=False, sorted=True)
         .indices  # (B, step, k)
         for i in range(0, num_queries, step)
@@ -152,7 +155,7 @@ def knn_indices(queries: Tensor, points: Tensor, k: int, backend: str | None = N
         queries: (B, M, 3) query coordinates (typically the FPS centres).
         points: (B, N, 3) coordinates to search, same device as `queries`.
         k: neighbours per query, 1 <= k <= N.
-        backend: "torch" or "torch_cluster"; None picks the fastest available for the device.
+        backend: "torch" or "torch_cluster"; None picks the fastest available for the device and cloud size.
 
     Returns:
         (B, M, k) int64 indices into `points`; equal-distance ties may come in any order.
@@ -165,7 +168,7 @@ def knn_indices(queries: Tensor, points: Tensor, k: int, backend: str | None = N
         )
     if not 1 <= k <= points.shape[1]:
         raise ValueError(f"k must be between 1 and the number of points ({points.shape[1]}), got {k}")
-    run = _IMPLEMENTATIONS["knn"][_choose("knn", points.device, backend, k)]
+    run = _IMPLEMENTATIONS["knn"][_choose("knn", points.device, backend, k, points.shape[1])]
     with torch.no_grad(), _no_autocast(points.device):
         return run(queries, points, k)
 
@@ -312,9 +315,9 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Tensor]]] = {
 }
 
 # Fastest first, per (op, device type); "torch" closes each list. CPU as measured by benchmarks/bench_kernels.py
-# (results/kernels.md, 2 threads): the torch FPS loop uses every thread and beats the single-threaded fpsample by
-# 1.1x (512 points) to 2.2x (2k); on one thread fpsample was 7-18% faster. In that single-thread run (torch_cluster
-# installed), torch_cluster's FPS was 3-10x slower than both and its KD-tree kNN 1.5x (512) to 15x (16k) faster.
+# (results/kernels.md, B=32, 2 threads): the torch FPS loop uses every thread and beats the single-threaded fpsample
+# by 1.2x (512 points) to 2.5x (8k) and torch_cluster's FPS by 3-5x; on one thread fpsample was 7-18% faster than
+# the loop. torch_cluster's KD-tree kNN is 1.5x (1k points) to 4.4x (8k) faster than computing every distance.
 # On CUDA the torch FPS loop is launch-bound, so compiled kernels come first: the Triton FPS runs the whole loop in
 # one launch, 0.2 ms against the loop's 46.5 ms for 1024 -> 512 at B=32 on an H200 (results/kernels_cuda.md;
 # torch_cluster was not installed there, so the two compiled kernels have not been compared), then torch_cluster's.
@@ -325,6 +328,9 @@ _PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
     ("knn", "cuda"): ("torch_cluster", "torch"),
 }
 _SINGLE_THREAD_FPS_CPU = ("fpsample", "torch")
+# Small clouds on a threaded CPU: computing every distance beats the KD-tree up to this many points per cloud
+# (47 against 61 ms at 512 points, 200 against 133 ms at 1k; B=32, k=32). On one thread the KD-tree won at 512 too.
+_KNN_CPU_BRUTE_FORCE_MAX_POINTS = 512
 
 # torch_cluster's CUDA kNN keeps each query's best candidates in a fixed array of 100.
 _TORCH_CLUSTER_CUDA_MAX_K = 100
@@ -356,19 +362,28 @@ def _runs_on(backend: str, device: torch.device, k: int) -> bool:
     return False
 
 
-def default_backend(op: str, device: torch.device | str = "cpu", k: int = 1) -> str:
-    """The backend `backend=None` runs for `op` ("fps" or "knn") on `device` (for kNN, with this k); for logs."""
-    return _choose(op, torch.device(device), None, k)
+def default_backend(op: str, device: torch.device | str = "cpu", k: int = 1, num_points: int = 1024) -> str:
+    """The backend `backend=None` runs for `op` ("fps" or "knn") on `device`, for kNN with this k among
+    `num_points` points per cloud; for logs."""
+    return _choose(op, torch.device(device), None, k, num_points)
 
 
-def _choose(op: str, device: torch.device, backend: str | None, k: int) -> str:
-    """The requested backend, checked, or the fastest usable one for the device."""
+def _preference(op: str, device: torch.device, num_points: int) -> tuple[str, ...]:
+    """Backends for `op` on `device`, fastest first (see `_PREFERENCE`): the order depends on the thread count and,
+    for kNN on the CPU, on the cloud size."""
+    threaded = torch.get_num_threads() > 1
+    if (op, device.type) == ("fps", "cpu") and not threaded:
+        return _SINGLE_THREAD_FPS_CPU
+    if (op, device.type) == ("knn", "cpu") and threaded and num_points <= _KNN_CPU_BRUTE_FORCE_MAX_POINTS:
+        return ("torch",)
+    return _PREFERENCE.get((op, device.type), ("torch",))
+
+
+def _choose(op: str, device: torch.device, backend: str | None, k: int, num_points: int) -> str:
+    """The requested backend, checked, or the fastest usable one for the device and cloud size."""
     usable = [name for name in available_backends()[op] if _runs_on(name, device, k)]
     if backend is None:
-        preference = _PREFERENCE.get((op, device.type), ("torch",))
-        if (op, device.type) == ("fps", "cpu") and torch.get_num_threads() == 1:
-            preference = _SINGLE_THREAD_FPS_CPU
-        return next(name for name in preference if name in usable)
+        return next(name for name in _preference(op, device, num_points) if name in usable)
     if backend not in usable:
         raise ValueError(
             f"{op} backend {backend!r} is unknown or unavailable for these {device.type} inputs; available: {usable}"

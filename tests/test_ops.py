@@ -404,6 +404,33 @@ def test_cpu_fps_prefers_the_threaded_torch_loop_unless_torch_has_one_thread() -
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_knn_backend_depends_on_cloud_size_and_threads(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """With torch_cluster installed, clouds of <= 512 points on a threaded CPU still compute every distance."""
+    from peft_any2point import ops
+
+    monkeypatch.setattr(ops, "available_backends", lambda: {"fps": ["torch"], "knn": ["torch", "torch_cluster"]})
+    calls = []
+
+    def recording(name: str):  # each backend answers with the exact torch kNN, and records that it ran
+        return lambda queries, points, k: calls.append((name, points.shape[1])) or ops._knn_torch(queries, points, k)
+
+    for name in ("torch", "torch_cluster"):
+        monkeypatch.setitem(ops._IMPLEMENTATIONS["knn"], name, recording(name))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        small = "torch" if threads > 1 else "torch_cluster"
+        assert default_backend("knn", "cpu", k=8, num_points=512) == small
+        assert default_backend("knn", "cpu", k=8, num_points=513) == "torch_cluster"
+        points = _cloud(2, 600)
+        knn_indices(points[:, :16], points[:, :512], 8)  # 16 queries: the choice follows the points searched
+        knn_indices(points[:, :16], points, 8)
+    finally:
+        torch.set_num_threads(previous)
+    assert calls == [(small, 512), ("torch_cluster", 600)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.skipif("triton" not in available_backends()["fps"], reason="triton is not installed")
 def test_cuda_fps_prefers_triton() -> None:
