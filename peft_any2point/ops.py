@@ -137,7 +137,7 @@ def _knn_torch(queries: Tensor, points: Tensor, k: int) -> Tensor:
     chunk = _KNN_CHUNK_ELEMENTS.get(points.device.type, _KNN_CHUNK_ELEMENTS["cuda"])
     step = max(1, chunk // (batch * points.shape[1]))
     # Distances are finite and >= 0, whose IEEE bit patterns order like int32s; `topk` on int32 skips the float
-    # comparisons' NaN handling (about 20% faster on CPU for k=32 of 1024).
+    # comparisons' NaN handling (4-39% faster on this 2-core CPU, 256-1024 points).
     chunks = [
         _distances(queries[:, i : i + step], points)
         .view(torch.int32)
