@@ -47,6 +47,7 @@ from peft_any2point import Any2PointConfig
 from peft_any2point.adapter import LocalGeometry
 from peft_any2point.io import atomic_write_text
 from peft_any2point.model import backbone_dropout_mode
+from peft_any2point.ops import default_backend
 
 
 RESULTS = Path(__file__).parent / "results"
@@ -395,6 +396,16 @@ def machine_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def geometry_backends(embedder: peft_any2point.embedder.PointEmbedder, num_points: int) -> list[str]:
+    """What FPS and kNN run in each embedder stage (`backend=None` depends on the cloud size), for the report."""
+    sizes = [num_points, *embedder.centres_per_stage[:-1]]
+    return [
+        f"{size} -> {centres}: fps {default_backend('fps', 'cpu', 1, size)}, "
+        f"knn {default_backend('knn', 'cpu', stage.num_neighbors, size)}"
+        for size, centres, stage in zip(sizes, embedder.centres_per_stage, embedder.stages, strict=True)
+    ]
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta, peak = result["meta"], result["peak"]
     lines = [
@@ -402,7 +413,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"load average {meta['load_average_before']} before / {meta['load_average_after']} after), torch "
         f"{meta['torch']}, {meta['date']}{' (--quick)' if meta['quick'] else ''}. Backbone {meta['backbone']}, "
         f"B={meta['batch_size']} clouds × N={meta['num_points']} points → 1+{meta['num_tokens']} tokens, "
-        f"{meta['attn_implementation']} attention, embedder pooling compiled: {meta['compile_embedder']}. Matmul peak "
+        f"{meta['attn_implementation']} attention, embedder pooling compiled: {meta['compile_embedder']}, geometry "
+        f"backends per stage: {'; '.join(meta.get('geometry_backends', ['not recorded']))}. Matmul peak "
         f"(n={peak['fp32']['size']}, best block): fp32 {peak['fp32']['gflops']:.0f} GFLOP/s, bf16 "
         f"{peak['bf16']['gflops']:.0f} GFLOP/s.",
         "",
@@ -478,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     backbone.set_attn_implementation(args.attn_implementation)
     config = Any2PointConfig(num_labels=40, num_tokens=args.num_tokens)
     peft_model = get_peft_model(backbone, config)
+    meta["geometry_backends"] = geometry_backends(peft_model.base_model.any2point["default"].embedder, args.num_points)
     steps = make_steps(peft_model, backbone, config, args)
     flops = {}  # counted eagerly: compiling fuses element-wise work only, which counts zero FLOPs either way
     for mode in MODES:

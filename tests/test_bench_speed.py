@@ -16,6 +16,7 @@ from transformers import BertConfig, BertModel
 
 from benchmarks import bench_speed
 from peft_any2point import Any2PointConfig
+from peft_any2point.ops import available_backends
 
 
 BERT_BASE_PARAMETERS = 109_482_240  # BertModel(BertConfig()): bert-base-uncased with its pooler
@@ -160,3 +161,16 @@ def test_bare_and_any2point_training_steps_run_the_blocks_in_the_same_dropout_mo
         steps[current, "train", "fp32"]()
     assert dropout_modes == {"bare": {backbone_dropout}, "any2point": {backbone_dropout}}
     assert backbone.training  # the shared backbone is left in the peft model's mode
+
+
+def test_report_names_the_geometry_backends_of_every_stage(result: dict[str, Any], output_dir: Path) -> None:
+    meta = result["meta"]
+    stages = meta["geometry_backends"]
+    assert len(stages) == len(Any2PointConfig(num_labels=40).stage_widths)
+    sizes = [int(entry.split(" -> ")[0]) for entry in stages]
+    assert sizes[0] == meta["num_points"] and sizes == sorted(sizes, reverse=True)
+    installed = available_backends("cpu")
+    for entry in stages:
+        fps, knn = entry.split(": ")[1].split(", ")
+        assert fps.removeprefix("fps ") in installed["fps"] and knn.removeprefix("knn ") in installed["knn"]
+    assert "; ".join(stages) in (output_dir / "speed_quick.md").read_text()
