@@ -6,6 +6,7 @@ import importlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -412,8 +413,14 @@ def test_cpu_knn_backend_depends_on_cloud_size_and_threads(monkeypatch: pytest.M
     monkeypatch.setattr(ops, "available_backends", lambda: {"fps": ["torch"], "knn": ["torch", "torch_cluster"]})
     calls = []
 
-    def recording(name: str):  # each backend answers with the exact torch kNN, and records that it ran
-        return lambda queries, points, k: calls.append((name, points.shape[1])) or ops._knn_torch(queries, points, k)
+    def recording(name: str) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+        """A stand-in for backend `name`: records that it ran on how many points, answers with the torch kNN."""
+
+        def run(queries: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
+            calls.append((name, points.shape[1]))
+            return ops._knn_torch(queries, points, k)
+
+        return run
 
     for name in ("torch", "torch_cluster"):
         monkeypatch.setitem(ops._IMPLEMENTATIONS["knn"], name, recording(name))
