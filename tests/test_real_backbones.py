@@ -12,11 +12,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import BertConfig, BertModel, WhisperConfig
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from benchmarks import real_backbones as rb
 from peft_any2point.training import load_backbone
+from tests.conftest import make_backbone
 
 
 def _require(*modules: str) -> None:
@@ -100,22 +99,12 @@ def test_missing_weight_package_names_the_install(monkeypatch: pytest.MonkeyPatc
         rb.dinov2_onnx_path()
 
 
-def _tiny_bert() -> torch.nn.Module:
-    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    return BertModel(config)
-
-
-def _tiny_whisper_encoder() -> torch.nn.Module:
-    config = WhisperConfig(
-        d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=8, vocab_size=64
-    )
-    config.update({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 3})
-    return WhisperEncoder(config)
-
-
-@pytest.mark.parametrize("make_model", [_tiny_bert, _tiny_whisper_encoder], ids=["bert", "whisper-encoder"])
+@pytest.mark.parametrize(
+    "make_model",
+    [lambda: make_backbone("bert"), lambda: make_backbone("whisper_encoder")],
+    ids=["bert", "whisper-encoder"],
+)
 def test_device_export_loads_back_as_the_same_class_with_float16_rounded_weights(tmp_path, make_model) -> None:
-    torch.manual_seed(0)
     model = make_model()
     counts = rb.export_for_device(model, tmp_path / "carry")
     exported = load_file(tmp_path / "carry" / "model_fp16.safetensors")

@@ -17,7 +17,6 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
-    WhisperConfig,
     WhisperModel,
     get_cosine_schedule_with_warmup,
 )
@@ -40,7 +39,7 @@ from peft_any2point.training import (
     save_checkpoint,
     write_metrics_log,
 )
-from tests.conftest import make_backbone, tiny_config
+from tests.conftest import TINY, make_backbone, tiny_config
 
 
 @pytest.fixture
@@ -300,31 +299,12 @@ def _umask() -> int:
     return umask
 
 
-_TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
-
-
-def _tiny_whisper_config() -> WhisperConfig:
-    dims = {"d_model": 32, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "encoder_attention_heads": 2}
-    return WhisperConfig(
-        **dims,
-        decoder_attention_heads=2,
-        encoder_layers=1,
-        decoder_layers=1,
-        num_mel_bins=8,
-        vocab_size=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=3,
-    )
-
-
 @pytest.mark.parametrize(
     ("saved", "expected"),
     [
-        (lambda: WhisperEncoder(_tiny_whisper_config()), WhisperEncoder),  # AutoModel would add a random decoder
-        (lambda: WhisperModel(_tiny_whisper_config()), WhisperModel),
-        (lambda: BertForSequenceClassification(BertConfig(**_TINY_BERT)), BertModel),  # a head model: its base
+        (lambda: make_backbone("whisper_encoder"), WhisperEncoder),  # AutoModel would add a random decoder
+        (lambda: make_backbone("whisper"), WhisperModel),
+        (lambda: BertForSequenceClassification(BertConfig(**TINY)), BertModel),  # a head model: its base
     ],
     ids=["whisper-encoder", "whisper-model", "bert-with-head"],
 )
