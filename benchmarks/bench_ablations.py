@@ -8,12 +8,14 @@ keep Any2Point's embedder, position encoding and head and change only the backbo
 blocks instead of the adapters, the blocks fully fine-tuned, and no blocks at all. Each result is the last epoch's
 accuracy on the evaluation subset, with the trainable parameters, the size of the saved file (the adapter, or a
 baseline's trainable weights), training and evaluation samples/s and peak resident memory that the script records
-in its `results.json`.
+in its `results.json`, and the test accuracy after every epoch (from its `metrics.jsonl`), which
+`ablations.png` plots: at a short budget the curves say more than the last point (which part learns faster, which
+is still rising).
 
     python -m benchmarks.bench_ablations                     # all variants, ~3.5 min each on 2 cores
     python -m benchmarks.bench_ablations --variants full no-adapter --num_epochs 2
 
-Writes `results/ablations.{json,md}`; run folders go to `--runs_dir` (default `outputs/ablations`).
+Writes `results/ablations.{json,md,png}`; run folders go to `--runs_dir` (default `outputs/ablations`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from benchmarks.reporting import run_stamp, write_results
+from peft_any2point.metrics import save_png
+from peft_any2point.training import METRICS_LOG
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +67,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         command += ["--data_dir", args.data_dir]
     subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     results = json.loads((output_dir / "results.json").read_text(encoding="utf-8"))
+    history = [json.loads(line) for line in (output_dir / METRICS_LOG).read_text(encoding="utf-8").splitlines()]
     final = results["final_epoch"]
     return {
         "variant": name,
@@ -75,6 +83,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "eval_samples_per_second": final["eval_samples_per_second"],
         "peak_rss_mib": results["peak_rss_mib"],
         "wall_time_s": final["wall_time_s"],
+        "test_accuracy_per_epoch": [record["test_accuracy"] for record in history if "test_accuracy" in record],
     }
 
 
@@ -87,7 +96,8 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Ablations on {meta['machine']}, {meta['date']}: `make demo` recipe for {meta['num_epochs']} epoch(s) "
         f"(512 points, 64 tokens, bf16), seed {meta['seed']}, last-epoch accuracy on 800 ModelNet40 test clouds. "
-        "Rows kept from an earlier run say when they were measured.",
+        "Rows kept from an earlier run say when they were measured; `ablations.png` plots the test accuracy after "
+        "every epoch.",
         "",
         "| variant | what changes | OA % | mAcc % | trainable | saved file | train samples/s | eval samples/s "
         "| peak RSS |",
@@ -100,6 +110,34 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['train_samples_per_second']:.1f} | {r['eval_samples_per_second']:.1f} | {r['peak_rss_mib']:.0f} MiB |"
         )
     return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> Path:
+    """Test accuracy after every epoch, one line per variant (rows without a recorded curve are left out)."""
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for row in rows:
+        curve = row.get("test_accuracy_per_epoch")
+        if curve:
+            style = {"linewidth": 2.5, "color": "black"} if row["variant"] == "full" else {"linewidth": 1.2}
+            ax.plot(
+                range(1, len(curve) + 1),
+                [100 * a for a in curve],
+                marker="o",
+                markersize=3,
+                label=row["variant"],
+                **style,
+            )
+    ax.set(
+        xlabel="epoch",
+        ylabel="overall accuracy (%)",
+        xticks=range(1, meta["num_epochs"] + 1),
+        title=f"Ablations: demo recipe, {meta['num_epochs']} epoch(s), seed {meta['seed']}, 800 test clouds",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return save_png(fig, path)
 
 
 def merge_rows(previous_file: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -135,6 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.update:
         rows = merge_rows(args.output_dir / "ablations.json", rows, meta)
     write_results(args.output_dir, "ablations", meta, rows, to_markdown(rows, meta))
+    plot(rows, meta, args.output_dir / "ablations.png")
     return rows
 
 

@@ -38,9 +38,13 @@ def test_variants_train_with_their_switches_and_are_reported(tmp_path, monkeypat
             row["adapter_bytes"] == (tmp_path / "runs" / row["variant"] / "adapter_model.safetensors").stat().st_size
         )
         assert row["peak_rss_mib"] > 0 and row["train_samples_per_second"] > 0 and row["eval_samples_per_second"] > 0
+        log = (tmp_path / "runs" / row["variant"] / "metrics.jsonl").read_text().splitlines()
+        assert row["test_accuracy_per_epoch"] == [json.loads(line)["test_accuracy"] for line in log]
+        assert row["test_accuracy_per_epoch"][-1] == row["overall_accuracy"] == results["final_epoch"]["test_accuracy"]
     assert json.loads((tmp_path / "ablations.json").read_text())["rows"] == rows
     table = (tmp_path / "ablations.md").read_text()
     assert all(f"| {name} |" in table for name in variants)
+    assert (tmp_path / "ablations.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_update_keeps_the_other_rows_and_refuses_another_budget(tmp_path):
