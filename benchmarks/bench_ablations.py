@@ -39,9 +39,10 @@ from peft_any2point.training import METRICS_LOG
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TRAIN = ROOT / "examples" / "train_modelnet.py"
+EVAL_SAMPLES = 800  # test clouds every variant is scored on (the table and the plot say so)
 # The demo recipe (Makefile), minus the epoch count, which --num_epochs sets.
 RECIPE = [
-    "--dataset", "modelnet40", "--num_points", "512", "--max_eval_samples", "800", "--num_tokens", "64",
+    "--dataset", "modelnet40", "--num_points", "512", "--max_eval_samples", str(EVAL_SAMPLES), "--num_tokens", "64",
     "--num_stages", "2", "--num_neighbors", "16", "--warmup_epochs", "0.25", "--learning_rate", "2e-3",
     "--head_dropout", "0.1", "--batch_size", "32", "--mixed_precision", "bf16",
 ]  # fmt: skip
@@ -95,8 +96,8 @@ def when(row: dict[str, Any]) -> str:
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Ablations on {meta['machine']}, {meta['date']}: `make demo` recipe for {meta['num_epochs']} epoch(s) "
-        f"(512 points, 64 tokens, bf16), seed {meta['seed']}, last-epoch accuracy on 800 ModelNet40 test clouds. "
-        "Rows kept from an earlier run say when they were measured; `ablations.png` plots the test accuracy after "
+        f"(512 points, 64 tokens, bf16), seed {meta['seed']}, last-epoch accuracy on {EVAL_SAMPLES} ModelNet40 test "
+        "clouds. Rows kept from an earlier run say when they were measured; `ablations.png` plots the test accuracy after "
         "every epoch.",
         "",
         "| variant | what changes | OA % | mAcc % | trainable | saved file | train samples/s | eval samples/s "
@@ -133,7 +134,8 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> Path:
         xlabel="epoch",
         ylabel="overall accuracy (%)",
         xticks=range(1, meta["num_epochs"] + 1),
-        title=f"Ablations: demo recipe, {meta['num_epochs']} epoch(s), seed {meta['seed']}, 800 test clouds",
+        title=f"Ablations: demo recipe, {meta['num_epochs']} epoch(s), seed {meta['seed']}, "
+        f"{EVAL_SAMPLES} test clouds",
     )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
