@@ -1,6 +1,7 @@
 """Geometry kernel timings: every installed FPS / kNN backend, and gathering, on the same clouds in one run.
 
-FPS keeps N/2 of N points; kNN finds k=32 neighbours of N/2 queries (the FPS centres) among the N points;
+FPS keeps N/2 of N points; kNN finds k=32 neighbours of N/2 queries (the FPS centres) among the N points, in a
+Gaussian blob and ("knn (sphere)") on the unit sphere, a surface like the scans models see;
 "group" gathers (B, N, 64) point features into (B, N/2, 32, 64) neighbour groups, forward + backward.
 Each time is the median of `torch.utils.benchmark.Timer` blocks, the backends of a row taking turns;
 a ratio is to the fastest backend of its row.
@@ -37,7 +38,7 @@ RESULTS = Path(__file__).parent / "results"
 ALL_BACKENDS = ("torch", "fpsample", "torch_cluster", "triton")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--batch_size", type=int, default=32)
@@ -50,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def bench_size(num_points: int, batch: int, args: argparse.Namespace) -> list[dict]:
@@ -60,6 +61,9 @@ def bench_size(num_points: int, batch: int, args: argparse.Namespace) -> list[di
     num_centres = num_points // 2
     centres = gather_points(points, farthest_point_sampling(points, num_centres, backend="torch"))  # (B, M, 3)
     neighbours = knn_indices(centres, points, args.k, backend="torch")  # (B, M, k)
+    # A surface, like scanned objects, as well as the Gaussian blob: the pruned CPU kNN depends on the shape.
+    sphere = torch.nn.functional.normalize(points, dim=-1)
+    sphere_centres = gather_points(sphere, farthest_point_sampling(sphere, num_centres, backend="torch"))
     features = torch.randn(batch, num_points, args.channels, generator=generator).to(args.device).requires_grad_()
     backends = available_backends(args.device)
 
@@ -74,6 +78,10 @@ def bench_size(num_points: int, batch: int, args: argparse.Namespace) -> list[di
         "knn": {
             name: lambda name=name: knn_indices(centres, points, args.k, backend=name) for name in backends["knn"]
         },
+        "knn (sphere)": {
+            name: lambda name=name: knn_indices(sphere_centres, sphere, args.k, backend=name)
+            for name in backends["knn"]
+        },
         "group": {"torch": group},
     }
     rows = []
@@ -86,7 +94,7 @@ def bench_size(num_points: int, batch: int, args: argparse.Namespace) -> list[di
                 "op": op,
                 "num_points": num_points,
                 "batch": batch,
-                "auto": default_backend(op, args.device, args.k, num_points) if op != "group" else "torch",
+                "auto": default_backend(op.split()[0], args.device, args.k, num_points) if op != "group" else "torch",
                 "backends": {
                     name: {"median_ms": ms, "runs": runs, "ratio_to_fastest": ms / fastest}
                     for name, (ms, runs) in times.items()
@@ -110,7 +118,7 @@ def format_row(row: dict) -> str:
 def markdown(rows: list[dict], meta: dict) -> str:
     header = [
         f"Geometry kernels on {meta['device_name']} ({meta['threads']} torch threads, load average {meta['load_average_before']} before the run), "
-        f"{meta['date']}. FPS: N → N/2; kNN: N/2 queries, k={meta['k']}; group: gather of (B, N/2, k, {meta['channels']}) "
+        f"{meta['date']}. FPS: N → N/2 in a Gaussian blob; kNN: N/2 queries, k={meta['k']}, in the blob and on the unit sphere; group: gather of (B, N/2, k, {meta['channels']}) "
         f"features, forward + backward. Median wall time of {meta['rounds']} interleaved blocks (ratio to the row's fastest); `auto` = what `backend=None` runs.",
         "",
         "| op | N | B | torch | fpsample | torch_cluster | triton | auto |",
@@ -119,8 +127,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(header + [format_row(row) for row in rows]) + "\n"
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from collections.abc import Callable
 from types import ModuleType
 
@@ -117,35 +118,126 @@ def farthest_point_sampling(
 # Distance-matrix elements the torch kNN computes at once, per device type: memory stays bounded at any N. On CPU
 # 1 MiB blocks are still in cache when `topk` reads them (about 12% faster than 32 MiB); a GPU wants big launches.
 _KNN_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+# From this many points per cloud the CPU kNN skips far-away leaves of a k-d partition instead of computing every
+# distance; leaves of about 32 points and 8 queries were fastest (B=32, k=32, 1k-16k points, 2 threads).
+_KNN_CPU_PRUNED_MIN_POINTS = 1024
+_LEAF_POINTS, _LEAF_QUERIES = 32, 8
 
 
 def _distances(queries: Tensor, points: Tensor) -> Tensor:
-    """(B, m, 3), (B, N, 3) -> (B, m, N) distances (squared on GPU) by direct differences.
+    """(..., m, 3), (..., N, 3) -> (..., m, N) distances on CPU, squared distances elsewhere, by direct differences.
 
     The matmul formula (`cdist`'s default) is faster but its cancellation error reorders near neighbours. The exact
     `cdist` mode is the fastest exact option on CPU, but on CUDA broadcasting differences is about 40x faster.
     """
     if queries.device.type == "cpu":
         return torch.cdist(queries, points, compute_mode="donot_use_mm_for_euclid_dist")
-    return (queries[:, :, None, :] - points[:, None, :, :]).square_().sum(-1)  # (B, m, N, 3) -> (B, m, N)
+    return (queries.unsqueeze(-2) - points.unsqueeze(-3)).square_().sum(-1)  # (..., m, N, 3) -> (..., m, N)
+
+
+def _nearest(distances: Tensor, k: int) -> Tensor:
+    """Indices of the k smallest of each row of non-negative `distances`, smallest first.
+
+    Finite distances >= 0 order like the int32s of their IEEE bit patterns, and `topk` on int32 is faster (4-39% on
+    this 2-core CPU, 256-1024 points); the indices are the same.
+    """
+    return distances.view(torch.int32).topk(k, dim=-1, largest=False, sorted=True).indices
 
 
 def _knn_torch(queries: Tensor, points: Tensor, k: int) -> Tensor:
-    """Exact kNN: all query-point distances, then `topk`, over chunks of queries."""
-    batch, num_queries, _ = queries.shape
+    """Exact kNN: every query-point distance, then `topk`, over chunks of queries; pruned for large CPU clouds."""
     queries, points = queries.float(), points.float()
+    if points.device.type == "cpu" and points.shape[1] >= _KNN_CPU_PRUNED_MIN_POINTS:
+        return _knn_pruned(queries, points, k)
+    batch, num_queries, _ = queries.shape
     chunk = _KNN_CHUNK_ELEMENTS.get(points.device.type, _KNN_CHUNK_ELEMENTS["cuda"])
     step = max(1, chunk // (batch * points.shape[1]))
-    # Distances are finite and >= 0, so their IEEE bit patterns order like int32s, and `topk` on int32 is faster
-    # (4-39% on this 2-core CPU, 256-1024 points); the indices are the same.
-    chunks = [
-        _distances(queries[:, i : i + step], points)
-        .view(torch.int32)
-        .topk(k, dim=-1, largest=False, sorted=True)
-        .indices  # (B, step, k)
-        for i in range(0, num_queries, step)
-    ]
+    chunks = [_nearest(_distances(queries[:, i : i + step], points), k) for i in range(0, num_queries, step)]
     return torch.cat(chunks, dim=1)  # (B, M, k)
+
+
+def _kd_leaves(xyz: Tensor, leaf_size: int) -> tuple[Tensor, int, int]:
+    """An order of each cloud's L points that groups them into P = 2^d leaves of S >= L / P slots (a k-d tree's leaves).
+
+    Every level splits each group at its median along the group's widest axis, for all groups and clouds at once.
+    Returns the order (B, P * S) into the points padded to P * S (entries >= L are padding, which sorts last), P
+    and S; d is chosen so that S is about `leaf_size`.
+    """
+    batch, length, _ = xyz.shape
+    depth = round(math.log2(length / leaf_size)) if length > leaf_size else 0
+    num_leaves = 2**depth
+    size = -(-length // num_leaves)
+    big = torch.finfo(xyz.dtype).max
+    padded = torch.cat([xyz, xyz.new_full((batch, num_leaves * size - length, 3), big)], dim=1)
+    order = torch.arange(num_leaves * size, device=xyz.device).expand(batch, -1)
+    for level in range(depth):
+        groups = order.view(batch, 2**level, -1)  # (B, G, n)
+        coords = gather_points(padded, groups)  # (B, G, n, 3)
+        real = (groups < length).unsqueeze(-1)
+        spread = torch.where(real, coords, -big).amax(2) - torch.where(real, coords, big).amin(2)  # (B, G, 3)
+        axis = spread.argmax(-1)[:, :, None, None].expand(-1, -1, coords.shape[2], 1)
+        order = groups.gather(2, coords.gather(3, axis).squeeze(-1).argsort(dim=-1)).view(batch, -1)
+    return order, num_leaves, size
+
+
+def _knn_pruned(queries: Tensor, points: Tensor, k: int) -> Tensor:
+    """Exact kNN on the CPU that computes distances only to the point leaves that can hold a neighbour.
+
+    Points and queries are each split into k-d leaves with bounding boxes. For a query leaf, the k-th nearest
+    distance among the points of a few nearby leaves bounds every one of its queries' true k-th distance from above
+    (R, the largest over the leaf's queries); a point leaf whose box is farther than R from the query leaf's box
+    cannot hold a neighbour of any of them. The rest are searched exhaustively, query leaves that need the same
+    number of point leaves together. Same answer as `_knn_torch` up to equal-distance ties.
+    """
+    batch, num_queries, _ = queries.shape
+    num_points = points.shape[1]
+    point_order, num_leaves, leaf_size = _kd_leaves(points, _LEAF_POINTS)
+    query_order, num_query_leaves, query_leaf_size = _kd_leaves(queries, _LEAF_QUERIES)
+    # Padding points lie at infinity, so they are never nearer than a real point; padding queries repeat the last.
+    padded_points = torch.cat([points, points.new_full((batch, num_leaves * leaf_size - num_points, 3), math.inf)], 1)
+    leaves = gather_points(padded_points, point_order).view(batch * num_leaves, leaf_size, 3)
+    last_query = queries[:, -1:].expand(-1, num_query_leaves * query_leaf_size - num_queries, -1)
+    query_leaves = gather_points(torch.cat([queries, last_query], 1), query_order)
+    query_leaves = query_leaves.view(batch * num_query_leaves, query_leaf_size, 3)
+
+    real = (point_order < num_points).view(batch * num_leaves, leaf_size, 1)
+    low = torch.where(real, leaves, math.inf).amin(1).view(batch, num_leaves, 3)
+    high = torch.where(real, leaves, -math.inf).amax(1).view(batch, num_leaves, 3)
+    query_low = query_leaves.amin(1).view(batch, num_query_leaves, 3)
+    query_high = query_leaves.amax(1).view(batch, num_query_leaves, 3)
+    gaps = (query_low[:, :, None] - high[:, None]).clamp_min(0) + (low[:, None] - query_high[:, :, None]).clamp_min(0)
+    box_distance = gaps.square().sum(-1).view(-1, num_leaves)  # (B * QL, PL) squared, lower bounds
+
+    # The upper bound R from the leaves with the nearest box centres: enough of them for about 4k points.
+    first_leaf = (torch.arange(batch * num_query_leaves) // num_query_leaves * num_leaves)[:, None]  # (B * QL, 1)
+    num_near = min(num_leaves, -(-4 * k // leaf_size))
+    centre_distance = torch.cdist((query_low + query_high) / 2, (low + high) / 2).view(-1, num_leaves)
+    near = centre_distance.topk(num_near, dim=-1, largest=False).indices + first_leaf
+    candidates = leaves[near.view(-1)].view(-1, num_near * leaf_size, 3)
+    kth = _distances(query_leaves, candidates).view(torch.int32).topk(k, dim=-1, largest=False).values[..., -1]
+    radius = kth.view(torch.float32).amax(-1)  # (B * QL,); infinite when the near leaves hold padding
+    # Slack for rounding: keeping a leaf too many costs time, dropping one would lose a neighbour.
+    needed = (box_distance <= radius[:, None].square() * (1 + 1e-5)).sum(-1)
+
+    found = torch.empty(batch * num_query_leaves, query_leaf_size, k, dtype=torch.long)
+    sources = point_order.reshape(-1)  # leaf slot -> point index; padding, at infinity, is never among the k
+    slots = torch.arange(num_leaves * leaf_size).view(num_leaves, leaf_size)  # (PL, S)
+    by_need = needed.argsort()
+    counts = needed[by_need].tolist()
+    budget = _KNN_CHUNK_ELEMENTS["cpu"]
+    start = 0
+    while start < len(counts):
+        stop = start + max(1, budget // (query_leaf_size * leaf_size * counts[start]))
+        rows = by_need[start:stop]
+        kept = box_distance[rows].topk(counts[min(stop, len(counts)) - 1], dim=-1, largest=False).indices  # (n, c)
+        candidates = leaves[(kept + first_leaf[rows]).view(-1)].view(len(rows), -1, 3)  # (n, c * S, 3)
+        nearest = _nearest(_distances(query_leaves[rows], candidates), k)  # (n, QS, k) into the candidates
+        slot = slots[kept].view(len(rows), 1, -1).expand(-1, query_leaf_size, -1).gather(2, nearest)
+        found[rows] = sources[slot + (first_leaf[rows] * leaf_size)[:, :, None]]
+        start = stop
+    result = torch.empty_like(found).view(batch, -1, k)
+    result.scatter_(1, query_order.unsqueeze(-1).expand(-1, -1, k), found.view(batch, -1, k))
+    return result[:, :num_queries]
 
 
 def knn_indices(queries: Tensor, points: Tensor, k: int, backend: str | None = None) -> Tensor:
@@ -159,6 +251,10 @@ def knn_indices(queries: Tensor, points: Tensor, k: int, backend: str | None = N
 
     Returns:
         (B, M, k) int64 indices into `points`; equal-distance ties may come in any order.
+
+    Raises:
+        ValueError: on bad shapes or k, and on NaN or infinite coordinates in CPU tensors (on a GPU the check would
+            cost a device sync per call; models validate their inputs anyway).
     """
     _check_points("queries", queries)
     _check_points("points", points)
@@ -168,6 +264,8 @@ def knn_indices(queries: Tensor, points: Tensor, k: int, backend: str | None = N
         )
     if not 1 <= k <= points.shape[1]:
         raise ValueError(f"k must be between 1 and the number of points ({points.shape[1]}), got {k}")
+    if points.device.type == "cpu" and not (torch.isfinite(points).all() and torch.isfinite(queries).all()):
+        raise ValueError("queries and points must have finite coordinates, got NaN or infinity")
     run = _IMPLEMENTATIONS["knn"][_choose("knn", points.device, backend, k, points.shape[1])]
     with torch.no_grad(), _no_autocast(points.device):
         return run(queries, points, k)
@@ -317,7 +415,8 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Tensor]]] = {
 # Fastest first, per (op, device type); "torch" closes each list. CPU as measured by benchmarks/bench_kernels.py
 # (results/kernels.md, B=32, 2 threads): the torch FPS loop uses every thread and beats the single-threaded fpsample
 # by 1.2x (512 points) to 2.5x (8k) and torch_cluster's FPS by 3-5x; on one thread fpsample was 7-18% faster than
-# the loop. torch_cluster's KD-tree kNN is 1.5x (1k points) to 4.4x (8k) faster than computing every distance.
+# the loop. torch_cluster's KD-tree kNN is 1.0-1.5x faster than the pruned torch kNN on surfaces and 1.7-2.1x in a
+# Gaussian blob (1k-16k points).
 # On CUDA the torch FPS loop is launch-bound, so compiled kernels come first: the Triton FPS runs the whole loop in
 # one launch, 0.2 ms against the loop's 46.5 ms for 1024 -> 512 at B=32 on an H200 (results/kernels_cuda.md;
 # torch_cluster was not installed there, so the two compiled kernels have not been compared), then torch_cluster's.
@@ -329,7 +428,8 @@ _PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
 }
 _SINGLE_THREAD_FPS_CPU = ("fpsample", "torch")
 # Small clouds on a threaded CPU: computing every distance beats the KD-tree up to this many points per cloud
-# (47 against 61 ms at 512 points, 200 against 133 ms at 1k; B=32, k=32). On one thread the KD-tree won at 512 too.
+# (44 against 46 ms at 512 points; from 1k on the tree wins, 88 against the pruned search's 157 ms; B=32, k=32). On
+# one thread the KD-tree won at 512 too.
 _KNN_CPU_BRUTE_FORCE_MAX_POINTS = 512
 
 # torch_cluster's CUDA kNN keeps each query's best candidates in a fixed array of 100.

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from peft_any2point import ops
 from peft_any2point.ops import (
     _KNN_CHUNK_ELEMENTS,
     _fps_torch,
@@ -223,6 +224,66 @@ def test_knn_chunks_give_the_unchunked_answer(monkeypatch: pytest.MonkeyPatch) -
     assert torch.equal(knn_indices(queries, points, 8, backend="torch"), whole)
 
 
+def _lattice(batch: int, side: int) -> torch.Tensor:
+    """A cubic grid: every point has many neighbours at exactly the same distance."""
+    axis = torch.arange(side, dtype=torch.float32)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).view(1, -1, 3)
+    return grid.expand(batch, -1, -1).contiguous()
+
+
+@pytest.mark.parametrize(
+    ("make_points", "make_queries", "k"),
+    [
+        (lambda: _cloud(2, 1500, seed=8), lambda p: gather_points(p, farthest_point_sampling(p, 700)), 24),
+        (lambda: _sphere_with_outliers(1100, 6, seed=9)[0], lambda p: p[:, ::3], 16),
+        (lambda: _lattice(2, 11), lambda p: p[:, 5::7], 27),
+        (lambda: _cloud(1, 1030, seed=10), lambda p: _cloud(1, 37, seed=11) * 10, 1),
+        (lambda: _cloud(1, 1030, seed=12), lambda p: p[:, :20], 1030),
+    ],
+    ids=["gaussian-fps-centres", "sphere-outliers", "lattice-ties", "far-queries-k1", "k-equals-n"],
+)
+def test_pruned_knn_finds_the_exhaustive_neighbours(make_points: Callable, make_queries: Callable, k: int) -> None:
+    """From 1k points the CPU torch kNN searches only nearby k-d leaves; it must still find the true neighbours.
+
+    1500 points make leaves of 24 slots of which the last holds only padding; a sphere is a surface, like scanned
+    objects, with strays whose neighbours are far; the lattice has ties at every distance; far queries lie outside
+    every leaf's box.
+    """
+    points = make_points()
+    queries = make_queries(points).contiguous()
+    assert points.shape[1] >= ops._KNN_CPU_PRUNED_MIN_POINTS
+    found = knn_indices(queries, points, k, backend="torch")
+    assert found.shape == (*queries.shape[:2], k) and found.min() >= 0 and found.max() < points.shape[1]
+    for query, cloud, neighbours in zip(queries.numpy(), points.numpy(), found.numpy(), strict=True):
+        _, expected_dist = _reference_knn(query, cloud, k)
+        dist = ((query[:, None, :].astype(np.float64) - cloud[neighbours].astype(np.float64)) ** 2).sum(-1)
+        np.testing.assert_allclose(dist, expected_dist, rtol=1e-6, atol=1e-12)  # the k nearest, nearest first
+        assert all(len(set(row)) == k for row in neighbours)  # no point twice
+
+
+def test_pruned_knn_keeps_exactly_the_leaves_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one point per leaf and one query per query leaf the boxes are the points, and the bound is the true
+    k-th distance: a leaf is kept only if its point is a neighbour, so any shortfall of the bound (or of its
+    rounding slack) would lose one."""
+    monkeypatch.setattr(ops, "_LEAF_POINTS", 1)
+    monkeypatch.setattr(ops, "_LEAF_QUERIES", 1)
+    points = _cloud(2, 1024, seed=14)
+    queries = gather_points(points, farthest_point_sampling(points, 64))
+    found = knn_indices(queries, points, 16, backend="torch")
+    for query, cloud, neighbours in zip(queries.numpy(), points.numpy(), found.numpy(), strict=True):
+        _, expected_dist = _reference_knn(query, cloud, 16)
+        dist = ((query[:, None, :].astype(np.float64) - cloud[neighbours].astype(np.float64)) ** 2).sum(-1)
+        np.testing.assert_allclose(dist, expected_dist, rtol=1e-6)
+
+
+def test_pruned_knn_chunks_give_the_unchunked_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    points = _cloud(2, 1200, seed=13)
+    queries = gather_points(points, farthest_point_sampling(points, 300))
+    whole = knn_indices(queries, points, 16, backend="torch")
+    monkeypatch.setitem(_KNN_CHUNK_ELEMENTS, "cpu", 1)  # one query leaf at a time
+    assert torch.equal(knn_indices(queries, points, 16, backend="torch"), whole)
+
+
 def test_knn_bf16_autocast_input_ranks_as_float32() -> None:
     points = _cloud(2, 128).bfloat16()
     queries = points[:, :32]
@@ -348,6 +409,10 @@ def test_snap_outliers_falls_back_to_the_least_isolated_point_when_no_neighbour_
         (lambda p: knn_indices(p[..., :2], p, 3), r"queries must have shape"),
         (lambda p: knn_indices(p, p[:1], 3), r"same batch size"),
         (lambda p: knn_indices(p, p, 3, backend="fpsample"), r"knn backend 'fpsample' is unknown or unavailable"),
+        (
+            lambda p: knn_indices(p, p.index_fill(1, torch.tensor([4]), float("nan")), 3),
+            r"finite coordinates, got NaN",
+        ),
         (lambda p: gather_points(p, torch.zeros(3, 4, dtype=torch.long)), r"must share the batch size"),
         (lambda p: snap_outliers(p, 10, 3.0), r"num_neighbors must be between 1 and num_points - 1 \(9\), got 10"),
         (lambda p: snap_outliers(p[0], 3, 3.0), r"points must have shape \(batch, num_points, 3\)"),
@@ -366,6 +431,7 @@ def test_snap_outliers_falls_back_to_the_least_isolated_point_when_no_neighbour_
         "knn-last-dim",
         "knn-batch",
         "knn-backend",
+        "knn-nan",
         "gather-batch",
         "outliers-k",
         "outliers-rank",
