@@ -61,6 +61,16 @@ def _reference_knn(query: np.ndarray, cloud: np.ndarray, k: int) -> tuple[np.nda
     return order, np.take_along_axis(dist, order, axis=1)
 
 
+def _assert_true_neighbours(queries: torch.Tensor, points: torch.Tensor, found: torch.Tensor) -> None:
+    """`found` (B, M, k) holds, for every query, k distinct points at the reference's k smallest distances, in order."""
+    k = found.shape[-1]
+    for query, cloud, neighbours in zip(queries.numpy(), points.numpy(), found.numpy(), strict=True):
+        _, expected_dist = _reference_knn(query, cloud, k)
+        dist = ((query[:, None, :].astype(np.float64) - cloud[neighbours].astype(np.float64)) ** 2).sum(-1)
+        np.testing.assert_allclose(dist, expected_dist, rtol=1e-6, atol=1e-12)  # ties may swap indices
+        assert all(len(set(row)) == k for row in neighbours)
+
+
 # --------------------------------------------------------------------------- farthest point sampling
 
 
@@ -199,10 +209,9 @@ def test_knn_matches_brute_force_sort(backend: str) -> None:
     queries = _cloud(3, 50, seed=4)
     found = knn_indices(queries, points, 16, backend=backend)
     assert found.dtype == torch.int64 and found.shape == (3, 50, 16)
+    _assert_true_neighbours(queries, points, found)
     for query, cloud, neighbours in zip(queries.numpy(), points.numpy(), found.numpy(), strict=True):
-        expected, expected_dist = _reference_knn(query, cloud, 16)
-        dist = ((query[:, None, :].astype(np.float64) - cloud[neighbours].astype(np.float64)) ** 2).sum(-1)
-        np.testing.assert_allclose(dist, expected_dist, rtol=1e-6)  # nearest first
+        expected, _ = _reference_knn(query, cloud, 16)  # random points have no ties: the very same indices
         np.testing.assert_array_equal(np.sort(neighbours, axis=1), np.sort(expected, axis=1))
 
 
@@ -254,11 +263,7 @@ def test_pruned_knn_finds_the_exhaustive_neighbours(make_points: Callable, make_
     assert points.shape[1] >= ops._KNN_CPU_PRUNED_MIN_POINTS
     found = knn_indices(queries, points, k, backend="torch")
     assert found.shape == (*queries.shape[:2], k) and found.min() >= 0 and found.max() < points.shape[1]
-    for query, cloud, neighbours in zip(queries.numpy(), points.numpy(), found.numpy(), strict=True):
-        _, expected_dist = _reference_knn(query, cloud, k)
-        dist = ((query[:, None, :].astype(np.float64) - cloud[neighbours].astype(np.float64)) ** 2).sum(-1)
-        np.testing.assert_allclose(dist, expected_dist, rtol=1e-6, atol=1e-12)  # the k nearest, nearest first
-        assert all(len(set(row)) == k for row in neighbours)  # no point twice
+    _assert_true_neighbours(queries, points, found)
 
 
 def test_pruned_knn_keeps_exactly_the_leaves_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,11 +274,7 @@ def test_pruned_knn_keeps_exactly_the_leaves_within_the_bound(monkeypatch: pytes
     monkeypatch.setattr(ops, "_LEAF_QUERIES", 1)
     points = _cloud(2, 1024, seed=14)
     queries = gather_points(points, farthest_point_sampling(points, 64))
-    found = knn_indices(queries, points, 16, backend="torch")
-    for query, cloud, neighbours in zip(queries.numpy(), points.numpy(), found.numpy(), strict=True):
-        _, expected_dist = _reference_knn(query, cloud, 16)
-        dist = ((query[:, None, :].astype(np.float64) - cloud[neighbours].astype(np.float64)) ** 2).sum(-1)
-        np.testing.assert_allclose(dist, expected_dist, rtol=1e-6)
+    _assert_true_neighbours(queries, points, knn_indices(queries, points, 16, backend="torch"))
 
 
 def test_pruned_knn_chunks_give_the_unchunked_answer(monkeypatch: pytest.MonkeyPatch) -> None:
