@@ -1,8 +1,10 @@
 """Scaling: training throughput and peak memory of Any2Point against the number of points and the batch size.
 
 Each configuration runs in a process of its own, so that its peak resident memory (`ru_maxrss`, or the CUDA
-allocator's peak on a GPU) is its own: the default Any2PointConfig (128 tokens from 3 stages), bf16 autocast, a
-warm-up step and then `--steps` timed training steps on random clouds.
+allocator's peak on a GPU) is its own: the default Any2PointConfig (128 tokens from 3 stages), bf16 autocast, the
+embedder's pooling compiled as training compiles it on a CPU, a warm-up step and then `--steps` timed training steps
+on random clouds. `--knn_backend torch` hides torch-cluster from the children, to time the pure-torch geometry that
+an installation without it runs; each row records the FPS and kNN backends of every embedder stage.
 
     python -m benchmarks.bench_scaling                            # MiniLM; N = 1k..8k at B=8, B = 8..32 at N=1k
     python -m benchmarks.bench_scaling --backbone tiny --points 64 128 --batch_sizes 2 4 --batch_size 2
@@ -32,13 +34,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
 
 
-def measure(backbone: str, num_points: int, batch_size: int, steps: int, device: str) -> dict[str, Any]:
+def measure(args: argparse.Namespace, num_points: int, batch_size: int) -> dict[str, Any]:
     """Time training steps of one configuration in this process, and report its peak memory."""
+    if args.knn_backend == "torch":
+        sys.modules["torch_cluster"] = None  # an import of it now fails, as where it is not installed
     import transformers
     from peft import get_peft_model
 
+    from benchmarks.bench_speed import geometry_backends
     from benchmarks.real_backbones import load_minilm
     from peft_any2point import Any2PointConfig
+
+    backbone, steps, device = args.backbone, args.steps, args.device
 
     torch.manual_seed(0)
     if backbone == "tiny":
@@ -48,6 +55,9 @@ def measure(backbone: str, num_points: int, batch_size: int, steps: int, device:
         base = load_minilm()
         config = Any2PointConfig(num_labels=40)
     model = get_peft_model(base, config).to(device).train()
+    embedder = model.base_model.any2point["default"].embedder
+    if args.compile_embedder == "yes":
+        embedder.compile_pooling()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     points = torch.rand(batch_size, num_points, 3, device=device) * 2 - 1
     labels = torch.randint(0, 40, (batch_size,), device=device)
@@ -79,12 +89,14 @@ def measure(backbone: str, num_points: int, batch_size: int, steps: int, device:
         "samples_per_second": batch_size / seconds,
         "peak_memory_mib": peak_mib,
         "memory": "CUDA allocator peak" if device.startswith("cuda") else "peak resident set of the process",
+        "geometry_backends": geometry_backends(embedder, num_points, torch.device(device).type),
     }
 
 
 def run_in_child(args: argparse.Namespace, num_points: int, batch_size: int) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.bench_scaling", "--child", str(num_points), str(batch_size)]
     command += ["--backbone", args.backbone, "--steps", str(args.steps), "--device", args.device]
+    command += ["--knn_backend", args.knn_backend, "--compile_embedder", args.compile_embedder]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -93,14 +105,16 @@ def run_in_child(args: argparse.Namespace, num_points: int, batch_size: int) -> 
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Scaling of a bf16 training step on {meta['machine']} ({meta['device']}), {meta['date']}, backbone {meta['backbone']}, "
-        f"default Any2PointConfig (128 tokens), {meta['steps']} timed steps after one warm-up; memory: {rows[0]['memory']}.",
+        f"default Any2PointConfig (128 tokens), embedder pooling compiled: {meta['compile_embedder']}, "
+        f"{'torch-cluster hidden' if meta['knn_backend'] == 'torch' else 'every installed geometry backend'}, "
+        f"{meta['steps']} timed steps after one warm-up; memory: {rows[0]['memory']}.",
         "",
-        "| points | batch | s/step | samples/s | peak memory |",
-        "| --- | --- | --- | --- | --- |",
+        "| points | batch | s/step | samples/s | peak memory | kNN per stage |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     lines += [
         f"| {r['num_points']} | {r['batch_size']} | {r['seconds_per_step']:.2f} | {r['samples_per_second']:.1f} "
-        f"| {r['peak_memory_mib']:.0f} MiB |"
+        f"| {r['peak_memory_mib']:.0f} MiB | {', '.join(stage.split('knn ')[1] for stage in r['geometry_backends'])} |"
         for r in rows
     ]
     return "\n".join(lines) + "\n"
@@ -114,17 +128,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 16, 32], help="at the first --points")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--knn_backend", choices=("auto", "torch"), default="auto", help="torch: hide torch-cluster from the children"
+    )
+    parser.add_argument("--compile_embedder", choices=("yes", "no"), default="yes")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     parser.add_argument("--child", type=int, nargs=2, metavar=("POINTS", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
-        print(json.dumps(measure(args.backbone, *args.child, args.steps, args.device)))
+        print(json.dumps(measure(args, *args.child)))
         return []
     configs = [(n, args.batch_size) for n in args.points]
     configs += [(args.points[0], b) for b in args.batch_sizes if (args.points[0], b) not in configs]
     rows = [run_in_child(args, n, b) for n, b in configs]
     meta = {**run_stamp(), "device": args.device, "backbone": args.backbone, "steps": args.steps}
+    meta |= {"knn_backend": args.knn_backend, "compile_embedder": args.compile_embedder}
     meta["torch"] = torch.__version__
     write_results(args.output_dir, "scaling", meta, rows, to_markdown(rows, meta))
     return rows

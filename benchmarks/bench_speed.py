@@ -396,12 +396,14 @@ def machine_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def geometry_backends(embedder: peft_any2point.embedder.PointEmbedder, num_points: int) -> list[str]:
+def geometry_backends(
+    embedder: peft_any2point.embedder.PointEmbedder, num_points: int, device: str = "cpu"
+) -> list[str]:
     """What FPS and kNN run in each embedder stage (`backend=None` depends on the cloud size), for the report."""
     sizes = [num_points, *embedder.centres_per_stage[:-1]]
     return [
-        f"{size} -> {centres}: fps {default_backend('fps', 'cpu', 1, size)}, "
-        f"knn {default_backend('knn', 'cpu', stage.num_neighbors, size)}"
+        f"{size} -> {centres}: fps {default_backend('fps', device, 1, size)}, "
+        f"knn {default_backend('knn', device, stage.num_neighbors, size)}"
         for size, centres, stage in zip(sizes, embedder.centres_per_stage, embedder.stages, strict=True)
     ]
 
