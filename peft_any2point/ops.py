@@ -214,8 +214,9 @@ def _knn_pruned(queries: Tensor, points: Tensor, k: int) -> Tensor:
     centre_distance = torch.cdist((query_low + query_high) / 2, (low + high) / 2).view(-1, num_leaves)
     near = centre_distance.topk(num_near, dim=-1, largest=False).indices + first_leaf
     candidates = leaves[near.view(-1)].view(-1, num_near * leaf_size, 3)
-    kth = _distances(query_leaves, candidates).view(torch.int32).topk(k, dim=-1, largest=False).values[..., -1]
-    radius = kth.view(torch.float32).amax(-1)  # (B * QL,); infinite when the near leaves hold padding
+    distances = _distances(query_leaves, candidates)
+    kth = distances.gather(-1, _nearest(distances, k)[..., -1:])  # (B * QL, QS, 1)
+    radius = kth.flatten(1).amax(-1)  # (B * QL,); infinite when the near leaves hold padding
     # Slack for rounding: keeping a leaf too many costs time, dropping one would lose a neighbour.
     needed = (box_distance <= radius[:, None].square() * (1 + 1e-5)).sum(-1)
 
