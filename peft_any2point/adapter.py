@@ -19,44 +19,46 @@ from torch import Tensor, nn
 class LocalGeometry:
     """Per-forward grouping of the T point tokens, shared by all adapters.
 
-    `cell_mask` (B, V, T, T) is True where two tokens share a projected cell in a view and `cell_mean` is the same
-    relation as a row-normalised averaging operator; `voxel_mean` (B, T, T) averages over tokens in the same 3D
-    voxel and `voxel_groups` (B, T) gives each token the index of the first token of its voxel (a per-sample group
-    id for the scatter max).
+    `cell_bias` (B, V, T, T) is 0 where two tokens share a projected cell in a view and -inf elsewhere, an additive
+    attention mask; `cell_groups` (B, V, T) and `voxel_groups` (B, T) give each token the index of the first token
+    of its cell or 3D voxel, a per-sample group id for the group mean and max.
     """
 
-    cell_mask: Tensor
-    cell_mean: Tensor
-    voxel_mean: Tensor
+    cell_bias: Tensor
+    cell_groups: Tensor
     voxel_groups: Tensor
 
     @classmethod
     def from_projection(cls, cell_ids: Tensor, centres: Tensor, voxel_size: float) -> LocalGeometry:
-        cell_mask = cell_ids.unsqueeze(-1) == cell_ids.unsqueeze(-2)  # (B, V, T, T)
+        same_cell = cell_ids.unsqueeze(-1) == cell_ids.unsqueeze(-2)  # (B, V, T, T)
         voxels = torch.floor(centres.float() / voxel_size).long()  # (B, T, 3)
-        voxel_mask = (voxels.unsqueeze(2) == voxels.unsqueeze(1)).all(-1)  # (B, T, T)
-        # argmax of a boolean row returns its first True: the lowest token index of the voxel.
+        same_voxel = (voxels.unsqueeze(2) == voxels.unsqueeze(1)).all(-1)  # (B, T, T)
+        # argmax of a boolean row returns its first True: the lowest token index of the group.
         return cls(
-            cell_mask=cell_mask,
-            cell_mean=_averaging_operator(cell_mask),
-            voxel_mean=_averaging_operator(voxel_mask),
-            voxel_groups=voxel_mask.byte().argmax(-1),
+            cell_bias=torch.zeros(same_cell.shape, device=same_cell.device).masked_fill(~same_cell, float("-inf")),
+            cell_groups=same_cell.byte().argmax(-1),
+            voxel_groups=same_voxel.byte().argmax(-1),
         )
 
 
-def _averaging_operator(same_group: Tensor) -> Tensor:
-    """Row-normalised adjacency: multiplying by it replaces each token by the mean of its group."""
-    adjacency = same_group.float()
-    return adjacency / adjacency.sum(-1, keepdim=True)
-
-
 def group_max(values: Tensor, groups: Tensor) -> Tensor:
-    """Max of `values` (B, T, C) over tokens with the same group id (B, T), broadcast back to every token."""
+    """Max of `values` (..., T, C) over tokens with the same group id (..., T), broadcast back to every token."""
     index = groups.unsqueeze(-1).expand_as(values)
     maxima = torch.full_like(values, torch.finfo(values.dtype).min).scatter_reduce(
         -2, index, values, reduce="amax", include_self=True
     )
     return maxima.gather(-2, index)
+
+
+def group_mean(values: Tensor, groups: Tensor) -> Tensor:
+    """Mean of `values` (..., T, C) over tokens with the same group id (..., T), broadcast back to every token.
+
+    A scatter-add and a gather, O(T C), where multiplying by a (T, T) averaging matrix would cost O(T² C).
+    """
+    index = groups.unsqueeze(-1).expand_as(values)
+    sums = torch.zeros_like(values).scatter_add(-2, index, values).gather(-2, index)
+    sizes = torch.zeros_like(groups).scatter_add(-1, groups, torch.ones_like(groups)).gather(-1, groups)
+    return sums / sizes.unsqueeze(-1)
 
 
 class GuidedAdapter(nn.Module):
@@ -95,13 +97,13 @@ class GuidedAdapter(nn.Module):
         query, key, value = self.local_qkv(tokens).chunk(3, dim=-1)  # each (B, T, r)
         # Projections are shared by the views, so the scores are too; only the cell masks differ per view.
         scores = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5  # (B, T, T)
-        scores = scores.unsqueeze(1).float().masked_fill(~geometry.cell_mask, float("-inf"))  # (B, V, T, T)
+        scores = scores.unsqueeze(1).float() + geometry.cell_bias  # (B, V, T, T)
         attended = scores.softmax(dim=-1) @ value.unsqueeze(1).float()  # (B, V, T, r)
-        per_view = self.act(self.local_norm(geometry.cell_mean @ attended))
+        per_view = self.act(self.local_norm(group_mean(attended.float(), geometry.cell_groups)))
         if not self.use_view_ensemble:
             return per_view.mean(dim=1)
         tokens = tokens.float()
-        reference = group_max(tokens, geometry.voxel_groups) + geometry.voxel_mean @ tokens  # (B, T, r)
+        reference = group_max(tokens, geometry.voxel_groups) + group_mean(tokens, geometry.voxel_groups)  # (B, T, r)
         similarity = F.cosine_similarity(per_view, reference.unsqueeze(1), dim=-1)  # (B, V, T)
         weights = similarity.softmax(dim=1).unsqueeze(-1)
         return (weights * per_view).sum(dim=1)

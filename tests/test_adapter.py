@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from peft_any2point.adapter import GuidedAdapter, LocalGeometry, group_max
+from peft_any2point.adapter import GuidedAdapter, LocalGeometry, group_max, group_mean
 
 
 def make_adapter(**overrides: object) -> GuidedAdapter:
@@ -34,15 +34,28 @@ def test_geometry_groups_match_brute_force():
     geometry = LocalGeometry.from_projection(CELLS, CENTRES, voxel_size=0.1)
     for v in range(2):
         for i in range(4):
+            first_of_cell = min(j for j in range(4) if CELLS[0, v, j] == CELLS[0, v, i])
+            assert geometry.cell_groups[0, v, i] == first_of_cell
             for j in range(4):
-                assert bool(geometry.cell_mask[0, v, i, j]) == bool(CELLS[0, v, i] == CELLS[0, v, j])
+                expected_bias = 0.0 if CELLS[0, v, i] == CELLS[0, v, j] else float("-inf")
+                assert geometry.cell_bias[0, v, i, j] == expected_bias
     # tokens 0 and 1 share a voxel, 2 and 3 are alone
     assert geometry.voxel_groups.tolist() == [[0, 0, 2, 3]]
     values = torch.randn(1, 4, 3)
     expected_mean = torch.stack([values[0, :2].mean(0), values[0, :2].mean(0), values[0, 2], values[0, 3]])
-    torch.testing.assert_close((geometry.voxel_mean @ values)[0], expected_mean)
+    torch.testing.assert_close(group_mean(values, geometry.voxel_groups)[0], expected_mean)
     expected_max = torch.stack([values[0, :2].amax(0), values[0, :2].amax(0), values[0, 2], values[0, 3]])
     assert torch.equal(group_max(values, geometry.voxel_groups)[0], expected_max)
+
+
+def test_group_mean_matches_averaging_matrix():
+    """Per-view groups of random ids: the scatter mean equals multiplying by the row-normalised adjacency."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 5, (3, 2, 16))  # (B, V, T)
+    same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)).double()
+    groups = same.argmax(-1)
+    values = torch.randn(3, 2, 16, 4, dtype=torch.float64)
+    torch.testing.assert_close(group_mean(values, groups), (same / same.sum(-1, keepdim=True)) @ values)
 
 
 def test_fresh_adapter_is_the_identity():
