@@ -114,9 +114,14 @@ def _build(model_cls: type[torch.nn.Module], config: Any, state: dict[str, torch
 # ------------------------------------------------------------------------------------------ language
 
 
+def minilm_dir() -> Path:
+    """The saved all-MiniLM-L6-v2 `BertModel` (config + safetensors) that its pip package ships."""
+    return _package_dir(MINILM_PACKAGE) / "model"
+
+
 def load_minilm() -> BertModel:
     """all-MiniLM-L6-v2 as a `BertModel` (6 layers, 384 wide, 512 learned positions), from its pip package."""
-    return AutoModel.from_pretrained(_package_dir(MINILM_PACKAGE) / "model").eval()
+    return AutoModel.from_pretrained(minilm_dir()).eval()
 
 
 # --------------------------------------------------------------------------------------------- audio
