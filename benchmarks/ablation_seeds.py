@@ -47,38 +47,37 @@ def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
 def combine(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per variant, in the order variants first appear: per-seed and mean accuracies, paired gaps."""
     by_seed = {run["meta"]["seed"]: {row["variant"]: row for row in run["rows"]} for run in runs}
-    variants = list(dict.fromkeys(row["variant"] for run in runs for row in run["rows"]))
-    rows = []
-    for variant in variants:
-        seeds = sorted(seed for seed, table in by_seed.items() if variant in table)
-        paired = [seed for seed in seeds if REFERENCE in by_seed[seed]]
-        gaps = [
-            by_seed[seed][variant]["overall_accuracy"] - by_seed[seed][REFERENCE]["overall_accuracy"]
-            for seed in paired
-        ]
-        class_gaps = [
-            by_seed[seed][variant]["mean_class_accuracy"] - by_seed[seed][REFERENCE]["mean_class_accuracy"]
-            for seed in paired
-        ]
+    variants = dict.fromkeys(row["variant"] for run in runs for row in run["rows"])
+    return [_variant_row(by_seed, variant) for variant in variants]
+
+
+def _variant_row(by_seed: dict[int, dict[str, dict[str, Any]]], variant: str) -> dict[str, Any]:
+    seeds = sorted(seed for seed, table in by_seed.items() if variant in table)
+    paired = [seed for seed in seeds if REFERENCE in by_seed[seed]]
+
+    def per_seed(metric: str) -> dict[str, float]:
         # Seeds as strings, the keys these dicts have once written as JSON.
-        overall = {str(seed): by_seed[seed][variant]["overall_accuracy"] for seed in seeds}
-        mean_class = {str(seed): by_seed[seed][variant]["mean_class_accuracy"] for seed in seeds}
-        rows.append(
-            {
-                "variant": variant,
-                "description": by_seed[seeds[0]][variant]["description"],
-                "seeds": seeds,
-                "overall_accuracy": overall,
-                "mean_class_accuracy": mean_class,
-                "mean_overall_accuracy": statistics.fmean(overall.values()),
-                "mean_mean_class_accuracy": statistics.fmean(mean_class.values()),
-                "paired_seeds": paired,
-                "overall_gap_to_reference": statistics.fmean(gaps) if gaps else None,
-                "mean_class_gap_to_reference": statistics.fmean(class_gaps) if class_gaps else None,
-                "trainable_params": by_seed[seeds[0]][variant]["trainable_params"],
-            }
-        )
-    return rows
+        return {str(seed): by_seed[seed][variant][metric] for seed in seeds}
+
+    def paired_gap(metric: str) -> float | None:
+        gaps = [by_seed[seed][variant][metric] - by_seed[seed][REFERENCE][metric] for seed in paired]
+        return statistics.fmean(gaps) if gaps else None
+
+    overall, mean_class = per_seed("overall_accuracy"), per_seed("mean_class_accuracy")
+    first = by_seed[seeds[0]][variant]
+    return {
+        "variant": variant,
+        "description": first["description"],
+        "seeds": seeds,
+        "overall_accuracy": overall,
+        "mean_class_accuracy": mean_class,
+        "mean_overall_accuracy": statistics.fmean(overall.values()),
+        "mean_mean_class_accuracy": statistics.fmean(mean_class.values()),
+        "paired_seeds": paired,
+        "overall_gap_to_reference": paired_gap("overall_accuracy"),
+        "mean_class_gap_to_reference": paired_gap("mean_class_accuracy"),
+        "trainable_params": first["trainable_params"],
+    }
 
 
 def _points(value: float | None) -> str:
