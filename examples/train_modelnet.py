@@ -27,9 +27,12 @@ from peft_any2point.baselines import BASELINES, WEIGHTS_FILE, make_baseline
 from peft_any2point.data import DATASET_NAMES
 from peft_any2point.hub import push_adapter_to_hub
 from peft_any2point.metrics import plot_confusion_matrix, plot_training_curves
+from peft_any2point.model import PointClassificationHead
 from peft_any2point.training import (
     METRICS_LOG,
+    CollapseGuard,
     TrainingProgress,
+    batch_spread,
     bundled_minilm_path,
     create_accelerator,
     hub_base_model_id,
@@ -73,6 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight_decay", type=float, default=0.05)
     parser.add_argument("--warmup_epochs", type=float, default=10)
     parser.add_argument("--max_grad_norm", type=float, default=10.0)
+    parser.add_argument(
+        "--collapse_threshold",
+        type=float,
+        default=CollapseGuard.threshold,
+        help="Stop when the head's input spreads less than this across a batch for --collapse_patience batches in a "
+        "row (the frozen blocks then map every token to one vector and the loss cannot fall); 0 turns it off.",
+    )
+    parser.add_argument("--collapse_patience", type=int, default=CollapseGuard.patience)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--seed", type=int, default=42)
@@ -217,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     save_every = int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdigit() else None
     bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
+    collapse_guard = CollapseGuard(args.collapse_threshold, args.collapse_patience)
     metrics, clock = None, time.perf_counter()  # progress.elapsed_s accumulates wall time across resumptions
 
     def tick() -> None:
@@ -234,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         for batch in loader:
             with accelerator.accumulate(model):
                 points = augment(batch["points"], generator=augment_generator)
-                loss = model(points=points, labels=batch["labels"]).loss
+                output = model(points=points, labels=batch["labels"], output_hidden_states=True)
+                loss = output.loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -246,7 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
                         )
                 optimizer.step()
                 optimizer.zero_grad()
-            progress.loss_sum += accelerator.reduce(loss.detach(), "mean").item()
+            spread = batch_spread(PointClassificationHead.pool(output.hidden_states))
+            batch_loss, spread = accelerator.reduce(torch.stack([loss.detach().float(), spread]), "mean").tolist()
+            progress.loss_sum += batch_loss
+            progress.spread_sum += spread
+            collapse_guard.update(spread, progress.step + 1)
             progress.batch_in_epoch += 1
             epoch_batches += 1
             if accelerator.sync_gradients:
@@ -272,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "epoch": epoch + 1,
                 "step": progress.step,
                 "train_loss": progress.loss_sum / max(progress.batch_in_epoch, 1),
+                "train_feature_spread": progress.spread_sum / max(progress.batch_in_epoch, 1),  # NaN: batches of 1
                 "learning_rate": scheduler.get_last_lr()[0],
                 "test_loss": metrics["loss"],
                 "test_accuracy": metrics["accuracy"],

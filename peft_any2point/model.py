@@ -113,9 +113,13 @@ class PointClassificationHead(nn.Module):
             nn.Linear(head_hidden_size, num_labels),
         )
 
+    @staticmethod
+    def pool(hidden_states: Tensor) -> Tensor:
+        """The head's input (B, 2D): the class token next to the max over the point tokens."""
+        return torch.cat([hidden_states[:, 0], hidden_states[:, 1:].amax(dim=1)], dim=-1)
+
     def forward(self, hidden_states: Tensor) -> Tensor:
-        pooled = torch.cat([hidden_states[:, 0], hidden_states[:, 1:].amax(dim=1)], dim=-1)  # (B, 2D)
-        return self.layers(pooled)
+        return self.layers(self.pool(hidden_states))
 
 
 class Any2PointModules(nn.Module):

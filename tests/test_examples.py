@@ -21,8 +21,15 @@ from huggingface_hub.utils import filter_repo_objects
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+from peft_any2point import model as model_module
 from peft_any2point.ops import snap_outliers
-from peft_any2point.training import BUNDLED_MINILM_HUB_ID, bundled_minilm_path, hub_base_model_id, load_split
+from peft_any2point.training import (
+    BUNDLED_MINILM_HUB_ID,
+    RepresentationCollapseError,
+    bundled_minilm_path,
+    hub_base_model_id,
+    load_split,
+)
 from tests.conftest import tiny_config
 
 
@@ -79,12 +86,13 @@ def test_training_run_writes_adapter_log_plots_and_results(trained_run, backbone
     records = read_jsonl(output_dir / "metrics.jsonl")
     assert [(r["epoch"], r["step"]) for r in records] == [(1, 5), (2, 10)]
     assert set(records[0]) == {
-        "epoch", "step", "train_loss", "learning_rate", "test_loss", "test_accuracy", "test_mean_class_accuracy",
+        "epoch", "step", "train_loss", "train_feature_spread", "learning_rate", "test_loss", "test_accuracy", "test_mean_class_accuracy",
         "test_samples", "train_samples_per_second", "eval_samples_per_second", "wall_time_s",
     }  # fmt: skip
     assert records[0]["learning_rate"] == pytest.approx(2e-3)  # end of the 1-epoch warm-up
     assert records[1]["learning_rate"] == pytest.approx(0.0)  # end of the cosine
     assert all(r["test_samples"] == 16 for r in records)
+    assert all(0.02 < r["train_feature_spread"] < 2 for r in records)  # no collapse: the guard let it finish
 
     results = json.loads((output_dir / "results.json").read_text())
     adapter = output_dir / "adapter_model.safetensors"
@@ -240,6 +248,23 @@ def test_training_stops_with_a_clear_error_on_a_non_finite_gradient(backbone_dir
     assert "FloatingPointError: non-finite gradient norm" in result.stderr
     assert "at step 2, epoch 1; the weights were not updated" in result.stderr
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_training_stops_when_every_cloud_reaches_the_head_as_the_same_vector(backbone_dir, tmp_path, monkeypatch):
+    # Blocks that map every token to one constant vector: what the frozen MiniLM did at lr 2e-3 with seed 43.
+    monkeypatch.setattr(model_module, "run_block", lambda block, hidden, mask, **extra: torch.ones_like(hidden))
+    argv = [
+        "--model_name_or_path", str(backbone_dir), *DATA_ARGS, *MODEL_ARGS, "--no_adapter",
+        "--num_epochs", "1", "--batch_size", "8", "--collapse_patience", "3",
+    ]  # fmt: skip
+    with pytest.raises(
+        RepresentationCollapseError, match=r"collapse at step 3: for 3 batches .* \(relative spread \S+ < 0.02\)"
+    ):
+        load_script(TRAIN).main([*argv, "--output_dir", str(tmp_path / "guarded")])
+    assert not (tmp_path / "guarded" / "adapter_model.safetensors").exists()
+
+    results = load_script(TRAIN).main([*argv, "--collapse_threshold", "0", "--output_dir", str(tmp_path / "off")])
+    assert results["final_epoch"]["train_feature_spread"] < 1e-6  # measured, logged, and let through
 
 
 def test_train_script_rejects_a_malformed_checkpointing_interval(capsys):

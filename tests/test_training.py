@@ -24,9 +24,12 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from peft_any2point.data import make_synthetic_dataset
 from peft_any2point.training import (
+    CollapseGuard,
     EpochShuffleSampler,
     PointCloudData,
+    RepresentationCollapseError,
     TrainingProgress,
+    batch_spread,
     find_latest_checkpoint,
     load_backbone,
     load_checkpoint,
@@ -289,6 +292,33 @@ def test_metrics_log_is_rewritten_from_the_history(tmp_path):
     log.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n')  # a killed run got further than its checkpoint
     write_metrics_log(log, [{"epoch": 1, "test_accuracy": 0.25}])
     assert [json.loads(line) for line in log.read_text().splitlines()] == [{"epoch": 1, "test_accuracy": 0.25}]
+
+
+def test_batch_spread_matches_a_float64_loop():
+    features = torch.randn(6, 10, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    rows = features.double().tolist()
+    mean = [sum(column) / len(rows) for column in zip(*rows, strict=True)]
+    distance = sum(math.dist(row, mean) for row in rows) / len(rows)
+    norm = sum(math.hypot(*row) for row in rows) / len(rows)
+    assert batch_spread(features).item() == pytest.approx(distance / norm, rel=1e-6)
+    assert batch_spread(features.bfloat16()).dtype == torch.float32
+    assert batch_spread(features * 1e3).item() == pytest.approx(distance / norm, rel=1e-5)  # relative to the norm
+    assert batch_spread(features[:1].expand(5, -1)).item() < 1e-6  # 0 up to the rounding of the mean
+    assert math.isnan(batch_spread(features[:1]).item())  # one cloud has no spread to measure
+
+
+def test_collapse_guard_stops_at_the_patience_th_low_batch_in_a_row():
+    guard = CollapseGuard(threshold=0.02, patience=3)
+    for step, spread in enumerate([0.3, 0.01, 0.01, 0.2, 0.01, float("nan"), 0.005], start=1):
+        guard.update(spread, step)  # a healthy batch resets the count; NaN (a batch of one) neither counts nor resets
+    assert guard.batches_below == 2
+    with pytest.raises(
+        RepresentationCollapseError, match=r"collapse at step 8: for 3 batches in a row .* 0.0004 < 0.02"
+    ):
+        guard.update(0.0004, 8)
+    off = CollapseGuard(threshold=0.0, patience=1)
+    off.update(0.0, 1)
+    assert off.batches_below == 0
 
 
 def _umask() -> int:
