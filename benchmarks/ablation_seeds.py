@@ -53,35 +53,38 @@ def combine(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _variant_row(by_seed: dict[int, dict[str, dict[str, Any]]], variant: str) -> dict[str, Any]:
     seeds = sorted(seed for seed, table in by_seed.items() if variant in table)
-    paired = [seed for seed in seeds if REFERENCE in by_seed[seed]]
+    trained = [seed for seed in seeds if "stopped" not in by_seed[seed][variant]]  # not stopped early (a collapse)
+    paired = [seed for seed in trained if "overall_accuracy" in by_seed[seed].get(REFERENCE, {})]
 
     def per_seed(metric: str) -> dict[str, float]:
         # Seeds as strings, the keys these dicts have once written as JSON.
-        return {str(seed): by_seed[seed][variant][metric] for seed in seeds}
+        return {str(seed): by_seed[seed][variant][metric] for seed in trained}
+
+    def mean_or_none(values: list[float]) -> float | None:
+        return statistics.fmean(values) if values else None
 
     def paired_gap(metric: str) -> float | None:
-        gaps = [by_seed[seed][variant][metric] - by_seed[seed][REFERENCE][metric] for seed in paired]
-        return statistics.fmean(gaps) if gaps else None
+        return mean_or_none([by_seed[seed][variant][metric] - by_seed[seed][REFERENCE][metric] for seed in paired])
 
     overall, mean_class = per_seed("overall_accuracy"), per_seed("mean_class_accuracy")
-    first = by_seed[seeds[0]][variant]
     return {
         "variant": variant,
-        "description": first["description"],
+        "description": by_seed[seeds[0]][variant]["description"],
         "seeds": seeds,
+        "stopped": {str(seed): by_seed[seed][variant]["stopped"] for seed in seeds if seed not in trained},
         "overall_accuracy": overall,
         "mean_class_accuracy": mean_class,
-        "mean_overall_accuracy": statistics.fmean(overall.values()),
-        "mean_mean_class_accuracy": statistics.fmean(mean_class.values()),
+        "mean_overall_accuracy": mean_or_none(list(overall.values())),
+        "mean_mean_class_accuracy": mean_or_none(list(mean_class.values())),
         "paired_seeds": paired,
         "overall_gap_to_reference": paired_gap("overall_accuracy"),
         "mean_class_gap_to_reference": paired_gap("mean_class_accuracy"),
-        "trainable_params": first["trainable_params"],
+        "trainable_params": by_seed[trained[0]][variant]["trainable_params"] if trained else None,
     }
 
 
-def _points(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:+.1f}"
+def _points(value: float | None, sign: str = "+") -> str:
+    return "—" if value is None else f"{100 * value:{sign}.1f}"
 
 
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -89,17 +92,23 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Ablations over seeds {', '.join(map(str, meta['seeds']))}: {meta['num_epochs']} epochs of the recipe "
         f"`{' '.join(meta['recipe'])}`, last-epoch accuracy on the evaluation subset; combined {meta['date']} from "
         f"{', '.join(f'`{source}`' for source in meta['sources'])}. Gaps are to Any2Point ({REFERENCE}) with the same "
-        "seed, averaged over the seeds that ran both; `ablations_seeds.png` plots every seed.",
+        "seed, averaged over the seeds that ran both; a run stopped early (a representation collapse) counts in neither. "
+        "`ablations_seeds.png` plots every seed.",
         "",
         "| variant | what changes | OA % per seed | mean OA % | mean mAcc % | Δ OA vs Any2Point | Δ mAcc | trainable |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
-        per_seed = ", ".join(f"{100 * value:.1f} ({seed})" for seed, value in row["overall_accuracy"].items())
+        per_seed = [f"{100 * value:.1f} ({seed})" for seed, value in row["overall_accuracy"].items()]
+        per_seed += [
+            f"stopped at step {stop['step']}: {stop['reason']} ({seed})" for seed, stop in row["stopped"].items()
+        ]
+        trainable = "—" if row["trainable_params"] is None else f"{row['trainable_params']:,}"
         lines.append(
-            f"| {row['variant']} | {row['description']} | {per_seed} | {100 * row['mean_overall_accuracy']:.1f} "
-            f"| {100 * row['mean_mean_class_accuracy']:.1f} | {_points(row['overall_gap_to_reference'])} "
-            f"| {_points(row['mean_class_gap_to_reference'])} | {row['trainable_params']:,} |"
+            f"| {row['variant']} | {row['description']} | {', '.join(per_seed)} "
+            f"| {_points(row['mean_overall_accuracy'], '')} | {_points(row['mean_mean_class_accuracy'], '')} "
+            f"| {_points(row['overall_gap_to_reference'])} | {_points(row['mean_class_gap_to_reference'])} "
+            f"| {trainable} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -110,9 +119,18 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> Path:
     fig = Figure(figsize=(8, 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    positions = range(len(rows))
-    means = [100 * row["mean_overall_accuracy"] for row in rows]
-    ax.hlines(means, [i - 0.3 for i in positions], [i + 0.3 for i in positions], color="tab:blue", label="mean")
+    means = [
+        (i, 100 * row["mean_overall_accuracy"])
+        for i, row in enumerate(rows)
+        if row["mean_overall_accuracy"] is not None
+    ]
+    ax.hlines(
+        [mean for _, mean in means],
+        [i - 0.3 for i, _ in means],
+        [i + 0.3 for i, _ in means],
+        color="tab:blue",
+        label="mean",
+    )
     markers = "osD^v"
     for index, seed in enumerate(meta["seeds"]):
         seeded = [(i, row) for i, row in enumerate(rows) if str(seed) in row["overall_accuracy"]]
@@ -126,7 +144,7 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> Path:
         )
     values = [100 * value for row in rows for value in row["overall_accuracy"].values()]
     ax.set(ylim=(min(values) - 3, max(values) + 2), ylabel="overall accuracy (%)")
-    ax.set_xticks(list(positions), [row["variant"] for row in rows], rotation=30, ha="right")
+    ax.set_xticks(range(len(rows)), [row["variant"] for row in rows], rotation=30, ha="right")
     ax.set_title(f"Ablations, {meta['num_epochs']} epochs: each seed and their mean", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()

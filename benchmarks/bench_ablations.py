@@ -10,7 +10,8 @@ accuracy on the evaluation subset, with the trainable parameters, the size of th
 baseline's trainable weights), training and evaluation samples/s and peak resident memory that the script records
 in its `results.json`, and the test accuracy after every epoch (from its `metrics.jsonl`), which
 `ablations.png` plots: at a short budget the curves say more than the last point (which part learns faster, which
-is still rising).
+is still rising). A variant that the training script stops early (a representation collapse, see its
+`stopped.json`) is reported as such instead of failing the whole benchmark.
 
     python -m benchmarks.bench_ablations                     # all variants, ~3.5 min each on 2 cores
     python -m benchmarks.bench_ablations --variants full no-adapter --num_epochs 2
@@ -33,7 +34,7 @@ from matplotlib.figure import Figure
 
 from benchmarks.reporting import run_stamp, write_results
 from peft_any2point.metrics import save_png
-from peft_any2point.training import METRICS_LOG
+from peft_any2point.training import METRICS_LOG, STOPPED_FILE
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +67,11 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     command += ["--seed", str(args.seed), "--output_dir", str(output_dir)]
     if args.data_dir:
         command += ["--data_dir", args.data_dir]
-    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    run = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if run.returncode and (output_dir / STOPPED_FILE).exists():  # a result too: this variant does not train
+        stopped = json.loads((output_dir / STOPPED_FILE).read_text(encoding="utf-8"))
+        return {"variant": name, "description": VARIANTS[name][0], "flags": VARIANTS[name][1], "stopped": stopped}
+    run.check_returncode()
     results = json.loads((output_dir / "results.json").read_text(encoding="utf-8"))
     history = [json.loads(line) for line in (output_dir / METRICS_LOG).read_text(encoding="utf-8").splitlines()]
     final = results["final_epoch"]
@@ -105,6 +110,13 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        if "stopped" in r:
+            stop = r["stopped"]
+            lines.append(
+                f"| {r['variant']} | {r['description']}{when(r)} | stopped: {stop['reason']} at step {stop['step']} "
+                f"(feature spread {stop['feature_spread']:.2g}) | — | — | — | — | — | — |"
+            )
+            continue
         lines.append(
             f"| {r['variant']} | {r['description']}{when(r)} | {100 * r['overall_accuracy']:.1f} "
             f"| {100 * r['mean_class_accuracy']:.1f} | {r['trainable_params']:,} | {r['adapter_bytes'] / 2**20:.2f} MiB "
@@ -138,7 +150,8 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> Path:
         f"{EVAL_SAMPLES} test clouds",
     )
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.lines:  # every variant stopped early: nothing to name
+        ax.legend(loc="lower right", fontsize=8)
     return save_png(fig, path)
 
 

@@ -30,7 +30,9 @@ from peft_any2point.metrics import plot_confusion_matrix, plot_training_curves
 from peft_any2point.model import PointClassificationHead
 from peft_any2point.training import (
     METRICS_LOG,
+    STOPPED_FILE,
     CollapseGuard,
+    RepresentationCollapseError,
     TrainingProgress,
     batch_spread,
     bundled_minilm_path,
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = args.num_epochs * steps_per_epoch
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(args.warmup_epochs * steps_per_epoch), total_steps)
 
+    if accelerator.is_main_process:
+        (output_dir / STOPPED_FILE).unlink(missing_ok=True)  # from an earlier run that stopped early
     progress, history = TrainingProgress(), []
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
@@ -263,7 +267,13 @@ def main(argv: list[str] | None = None) -> dict:
             batch_loss, spread = accelerator.reduce(torch.stack([loss.detach().float(), spread]), "mean").tolist()
             progress.loss_sum += batch_loss
             progress.spread_sum += spread
-            collapse_guard.update(spread, progress.step + 1)
+            try:
+                collapse_guard.update(spread, progress.step + 1)
+            except RepresentationCollapseError as error:
+                if accelerator.is_main_process:
+                    stop = {"reason": "representation collapse", "step": error.step, "feature_spread": error.spread}
+                    write_json(output_dir / STOPPED_FILE, {**stop, "epoch": epoch + 1, "message": str(error)})
+                raise
             progress.batch_in_epoch += 1
             epoch_batches += 1
             if accelerator.sync_gradients:

@@ -54,6 +54,7 @@ CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 TRAINABLE_FILE = "trainable_state.safetensors"
 TRAINING_STATE_FILE = "training_state.pt"
 METRICS_LOG = "metrics.jsonl"
+STOPPED_FILE = "stopped.json"  # why a run ended before its last epoch, for sweeps that go on to the next run
 
 
 def bundled_minilm_path() -> str | None:
@@ -265,6 +266,15 @@ class TrainingProgress:
 class RepresentationCollapseError(RuntimeError):
     """Every cloud of a batch reaches the head as (nearly) the same vector, so the loss cannot fall any more."""
 
+    def __init__(self, step: int, spread: float, threshold: float, patience: int) -> None:
+        self.step, self.spread = step, spread
+        super().__init__(
+            f"representation collapse at step {step}: for {patience} batches in a row the head's input has been "
+            f"nearly the same for every cloud of the batch (relative spread {spread:.2g} < {threshold:g}), so the "
+            "loss cannot fall. The backbone maps every point token to one vector; start again with a lower "
+            "--learning_rate or a longer --warmup_epochs (or pass --collapse_threshold 0 to train on regardless)"
+        )
+
 
 def batch_spread(features: torch.Tensor) -> torch.Tensor:
     """Mean distance of the rows of `features` (B, F) to their mean, over their mean norm: 0 when all rows are equal.
@@ -301,13 +311,7 @@ class CollapseGuard:
             return
         self.batches_below += 1
         if self.batches_below >= self.patience:
-            raise RepresentationCollapseError(
-                f"representation collapse at step {step}: for {self.patience} batches in a row the head's input has "
-                f"been nearly the same for every cloud of the batch (relative spread {spread:.2g} < "
-                f"{self.threshold:g}), so the loss cannot fall. The backbone maps every point token to one vector; "
-                "start again with a lower --learning_rate or a longer --warmup_epochs (or pass "
-                "--collapse_threshold 0 to train on regardless)"
-            )
+            raise RepresentationCollapseError(step, spread, self.threshold, self.patience)
 
 
 def rng_state(augment_generator: torch.Generator) -> dict[str, Any]:

@@ -47,6 +47,32 @@ def test_variants_train_with_their_switches_and_are_reported(tmp_path, monkeypat
     assert (tmp_path / "ablations.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_a_variant_the_training_script_stops_is_reported_as_stopped(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(**TINY)).save_pretrained(tmp_path / "base")
+    # The spread can never reach 2.5 (it is at most 2), so the guard stops the run at its second batch.
+    tiny_recipe = ["--model_name_or_path", str(tmp_path / "base"), *DATA_ARGS, *MODEL_ARGS, "--batch_size", "8"]
+    guard = ["--collapse_threshold", "2.5", "--collapse_patience", "2"]
+    monkeypatch.setattr(bench_ablations, "RECIPE", [*tiny_recipe, *guard])
+    runs = tmp_path / "runs"
+    (rows,) = bench_ablations.main(
+        ["--variants", "no-adapter", "--runs_dir", str(runs), "--output_dir", str(tmp_path)]
+    )
+
+    stopped = json.loads((runs / "no-adapter" / "stopped.json").read_text())
+    assert stopped["reason"] == "representation collapse" and stopped["step"] == 2 and stopped["epoch"] == 1
+    assert rows == {
+        "variant": "no-adapter",
+        "description": bench_ablations.VARIANTS["no-adapter"][0],
+        "flags": ["--no_adapter"],
+        "stopped": stopped,
+    }
+    assert not (runs / "no-adapter" / "results.json").exists()
+    table = (tmp_path / "ablations.md").read_text()
+    assert "| stopped: representation collapse at step 2 (feature spread " in table
+    assert (tmp_path / "ablations.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_update_keeps_the_other_rows_and_refuses_another_budget(tmp_path):
     meta = {"date": "2026-01-01T00:00:00+00:00", "num_epochs": 1, "seed": 42}
     old_rows = [{"variant": "full", "overall_accuracy": 0.1}, {"variant": "lora", "overall_accuracy": 0.2}]

@@ -259,12 +259,20 @@ def test_training_stops_when_every_cloud_reaches_the_head_as_the_same_vector(bac
     ]  # fmt: skip
     with pytest.raises(
         RepresentationCollapseError, match=r"collapse at step 3: for 3 batches .* \(relative spread \S+ < 0.02\)"
-    ):
-        load_script(TRAIN).main([*argv, "--output_dir", str(tmp_path / "guarded")])
-    assert not (tmp_path / "guarded" / "adapter_model.safetensors").exists()
+    ) as raised:
+        load_script(TRAIN).main([*argv, "--output_dir", str(tmp_path)])
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    stopped = json.loads((tmp_path / "stopped.json").read_text())  # why, for a sweep that goes on to the next run
+    assert stopped == {
+        "reason": "representation collapse", "step": 3, "feature_spread": raised.value.spread, "epoch": 1,
+        "message": str(raised.value),
+    }  # fmt: skip
 
-    results = load_script(TRAIN).main([*argv, "--collapse_threshold", "0", "--output_dir", str(tmp_path / "off")])
-    assert results["final_epoch"]["train_feature_spread"] < 1e-6  # measured, logged, and let through
+    # Switched off, the same run goes to the end; its spread is still measured and logged, and the stale
+    # stopped.json of the run before is gone.
+    results = load_script(TRAIN).main([*argv, "--collapse_threshold", "0", "--output_dir", str(tmp_path)])
+    assert results["final_epoch"]["train_feature_spread"] < 1e-6
+    assert not (tmp_path / "stopped.json").exists()
 
 
 def test_train_script_rejects_a_malformed_checkpointing_interval(capsys):
