@@ -144,6 +144,10 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> Path:
         )
     values = [100 * value for row in rows for value in row["overall_accuracy"].values()]
     ax.set(ylim=(min(values) - 3, max(values) + 2), ylabel="overall accuracy (%)")
+    stopped = [i for i, row in enumerate(rows) if row["stopped"]]
+    if stopped:  # a seed that never trained: a cross at the bottom instead of a dot at chance far below the axis
+        y = min(values) - 2.5
+        ax.plot(stopped, [y] * len(stopped), linestyle="none", marker="x", color="tab:red", label="stopped early")
     ax.set_xticks(range(len(rows)), [row["variant"] for row in rows], rotation=30, ha="right")
     ax.set_title(f"Ablations, {meta['num_epochs']} epochs: each seed and their mean", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
