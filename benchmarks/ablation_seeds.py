@@ -51,10 +51,15 @@ def combine(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [_variant_row(by_seed, variant) for variant in variants]
 
 
+def _trained(table: dict[str, dict[str, Any]], variant: str) -> bool:
+    """Whether one seed's table holds `variant` run to the end (not stopped early by a collapse)."""
+    return variant in table and "stopped" not in table[variant]
+
+
 def _variant_row(by_seed: dict[int, dict[str, dict[str, Any]]], variant: str) -> dict[str, Any]:
     seeds = sorted(seed for seed, table in by_seed.items() if variant in table)
-    trained = [seed for seed in seeds if "stopped" not in by_seed[seed][variant]]  # not stopped early (a collapse)
-    paired = [seed for seed in trained if "overall_accuracy" in by_seed[seed].get(REFERENCE, {})]
+    trained = [seed for seed in seeds if _trained(by_seed[seed], variant)]
+    paired = [seed for seed in trained if _trained(by_seed[seed], REFERENCE)]
 
     def per_seed(metric: str) -> dict[str, float]:
         # Seeds as strings, the keys these dicts have once written as JSON.

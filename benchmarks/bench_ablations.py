@@ -68,17 +68,15 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.data_dir:
         command += ["--data_dir", args.data_dir]
     run = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    row = {"variant": name, "description": VARIANTS[name][0], "flags": VARIANTS[name][1]}
     if run.returncode and (output_dir / STOPPED_FILE).exists():  # a result too: this variant does not train
-        stopped = json.loads((output_dir / STOPPED_FILE).read_text(encoding="utf-8"))
-        return {"variant": name, "description": VARIANTS[name][0], "flags": VARIANTS[name][1], "stopped": stopped}
+        return {**row, "stopped": json.loads((output_dir / STOPPED_FILE).read_text(encoding="utf-8"))}
     run.check_returncode()
     results = json.loads((output_dir / "results.json").read_text(encoding="utf-8"))
     history = [json.loads(line) for line in (output_dir / METRICS_LOG).read_text(encoding="utf-8").splitlines()]
     final = results["final_epoch"]
     return {
-        "variant": name,
-        "description": VARIANTS[name][0],
-        "flags": VARIANTS[name][1],
+        **row,
         "epochs": final["epoch"],
         "overall_accuracy": results["test_metrics"]["accuracy"],
         "mean_class_accuracy": results["test_metrics"]["mean_class_accuracy"],

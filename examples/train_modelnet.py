@@ -271,8 +271,13 @@ def main(argv: list[str] | None = None) -> dict:
                 collapse_guard.update(spread, progress.step + 1)
             except RepresentationCollapseError as error:
                 if accelerator.is_main_process:
-                    stopped = {"reason": "representation collapse", "step": error.step, "epoch": epoch + 1}
-                    stopped |= {"feature_spread": error.spread, "message": str(error)}
+                    stopped = {
+                        "reason": "representation collapse",
+                        "step": error.step,
+                        "epoch": epoch + 1,
+                        "feature_spread": error.spread,
+                        "message": str(error),
+                    }
                     write_json(output_dir / STOPPED_FILE, stopped)
                 raise
             progress.batch_in_epoch += 1

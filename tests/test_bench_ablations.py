@@ -13,11 +13,15 @@ from tests.conftest import TINY
 from tests.test_examples import DATA_ARGS, MODEL_ARGS
 
 
-def test_variants_train_with_their_switches_and_are_reported(tmp_path, monkeypatch):
+def tiny_recipe(tmp_path) -> list[str]:
+    """The ablation recipe cut down to a saved tiny BERT and a few synthetic clouds."""
     torch.manual_seed(0)
     transformers.BertModel(transformers.BertConfig(**TINY)).save_pretrained(tmp_path / "base")
-    tiny_recipe = ["--model_name_or_path", str(tmp_path / "base"), *DATA_ARGS, *MODEL_ARGS, "--batch_size", "8"]
-    monkeypatch.setattr(bench_ablations, "RECIPE", tiny_recipe)
+    return ["--model_name_or_path", str(tmp_path / "base"), *DATA_ARGS, *MODEL_ARGS, "--batch_size", "8"]
+
+
+def test_variants_train_with_their_switches_and_are_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_ablations, "RECIPE", tiny_recipe(tmp_path))
     variants = ["full", "no-adapter", "plain-adapter", "learned-pe"]
     rows = bench_ablations.main(
         ["--variants", *variants, "--runs_dir", str(tmp_path / "runs"), "--output_dir", str(tmp_path)]
@@ -48,12 +52,9 @@ def test_variants_train_with_their_switches_and_are_reported(tmp_path, monkeypat
 
 
 def test_a_variant_the_training_script_stops_is_reported_as_stopped(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    transformers.BertModel(transformers.BertConfig(**TINY)).save_pretrained(tmp_path / "base")
     # The spread can never reach 2.5 (it is at most 2), so the guard stops the run at its second batch.
-    tiny_recipe = ["--model_name_or_path", str(tmp_path / "base"), *DATA_ARGS, *MODEL_ARGS, "--batch_size", "8"]
     guard = ["--collapse_threshold", "2.5", "--collapse_patience", "2"]
-    monkeypatch.setattr(bench_ablations, "RECIPE", [*tiny_recipe, *guard])
+    monkeypatch.setattr(bench_ablations, "RECIPE", [*tiny_recipe(tmp_path), *guard])
     runs = tmp_path / "runs"
     (rows,) = bench_ablations.main(
         ["--variants", "no-adapter", "--runs_dir", str(runs), "--output_dir", str(tmp_path)]
