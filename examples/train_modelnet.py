@@ -139,6 +139,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "step is about 1.5x faster on the CPU. auto: yes on the CPU from 1024 points on (measured there only).",
     )
     parser.add_argument(
+        "--compile_blocks",
+        default="auto",
+        choices=("auto", "yes", "no"),
+        help="torch.compile every backbone block and adapter, which cuts the kernels a step launches; auto: yes on "
+        "a GPU, where a step is bound by launching them (see benchmarks/profile_train_step.py).",
+    )
+    parser.add_argument(
         "--attn_implementation",
         default="auto",
         choices=("auto", "eager", "sdpa"),
@@ -202,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
         model.base_model.any2point["default"].embedder.compile_pooling()
     if args.tuning != "any2point":
         make_baseline(model, args.tuning, args.lora_rank)
+    if args.compile_blocks == "yes" or (args.compile_blocks == "auto" and accelerator.device.type == "cuda"):
+        model.base_model.compile_blocks()  # after a baseline has changed the blocks
     trainable_params, total_params = model.get_nb_trainable_parameters()
     accelerator.print(f"Trainable parameters: {trainable_params:,} of {total_params:,}")
 

@@ -315,6 +315,19 @@ class Any2PointModel(BaseTuner):
             raise ValueError(f"Any2Point runs exactly one active adapter, got {names}")
         return names[0]
 
+    def compile_blocks(self, **options: Any) -> None:
+        """Compile every backbone block and every adapter of the active adapter in place (`torch.compile` options).
+
+        On a GPU a training step is bound by the host issuing kernels, not by the chip (H200, MiniLM, B=32: the host
+        takes 67 ms to issue a step whose ~2,000 kernels keep the GPU busy 15 ms); a compiled block or adapter is a
+        few fused kernels. Compiling in place keeps weights and state-dict keys, so adapters save and load as before.
+        """
+        modules = [*self.backbone_spec.blocks, *self.any2point[self._current_adapter].adapters]
+        # Blocks and adapters share their forwards; each (grad mode, train mode, dtype, batch size) may need a graph.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for module in modules:
+            module.compile(**options)
+
     def _position_encoding(
         self, modules: Any2PointModules, config: Any2PointConfig, centres: Tensor
     ) -> tuple[Tensor | None, ProjectedViews]:
