@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,10 +329,23 @@ def rng_state(augment_generator: torch.Generator) -> dict[str, Any]:
 
 
 def restore_rng_state(state: Mapping[str, Any], augment_generator: torch.Generator) -> None:
+    """Restore what `rng_state` saved. A run resumed on another kind of device (a GPU checkpoint on a CPU) cannot
+    continue the augmentation's stream, whose state is device-specific: it is reseeded from the saved torch state,
+    so the resumed run is still reproducible, though not bit-identical to an uninterrupted one."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    augment_generator.set_state(state["augment"])
+    try:
+        augment_generator.set_state(state["augment"])
+    except RuntimeError:
+        seed = int(torch.randint(2**62, (1,), generator=torch.Generator().set_state(state["torch"])))
+        augment_generator.manual_seed(seed)
+        warnings.warn(
+            f"the checkpoint's augmentation random state does not fit a {augment_generator.device.type} generator "
+            "(written on another kind of device); reseeded it, so this run will not match an uninterrupted one "
+            "bit for bit",
+            stacklevel=2,
+        )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -391,7 +405,9 @@ def load_checkpoint(
     missing = [name for name in (TRAINABLE_FILE, TRAINING_STATE_FILE) if not (checkpoint / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{checkpoint} is not a complete Any2Point checkpoint: {missing} missing")
-    training_state = torch.load(checkpoint / TRAINING_STATE_FILE, weights_only=False)
+    # Loaded to the CPU so that a checkpoint written on a GPU resumes anywhere; the optimizer moves its state to the
+    # parameters' device.
+    training_state = torch.load(checkpoint / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
     if training_state["num_processes"] != accelerator.num_processes:
         raise ValueError(
             f"{checkpoint} was written by {training_state['num_processes']} processes; resuming it with "
@@ -401,7 +417,7 @@ def load_checkpoint(
     optimizer.load_state_dict(training_state["optimizer"])
     scheduler.load_state_dict(training_state["scheduler"])
     rng_file = checkpoint / f"rng_state_{accelerator.process_index}.pt"
-    restore_rng_state(torch.load(rng_file, weights_only=False), augment_generator)
+    restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False), augment_generator)
     return TrainingProgress(**training_state["progress"]), training_state["history"]
 
 
