@@ -163,6 +163,22 @@ class Any2PointModules(nn.Module):
         self.head = PointClassificationHead(hidden, config.head_hidden_size, config.num_labels, config.head_dropout)
 
 
+class RoutedForward:
+    """The forward of a backbone with Any2Point attached: point clouds go to its tuner, anything else as before.
+
+    A plain object in the backbone's `__dict__` (not a closure, not a submodule), so that `copy.deepcopy` and
+    pickling carry the backbone and tuner over together: a copy's points reach the copy's own adapter.
+    """
+
+    def __init__(self, backbone: nn.Module, tuner: Any2PointModel) -> None:
+        self.backbone, self.tuner = backbone, tuner
+
+    def __call__(self, *args: Any, points: Tensor | None = None, **kwargs: Any) -> Any:
+        if points is None:
+            return type(self.backbone).forward(self.backbone, *args, **kwargs)
+        return self.tuner.forward_points(points, *args, **kwargs)
+
+
 class Any2PointModel(BaseTuner):
     """Any2Point (arXiv 2404.07989) as a peft tuner: any frozen transformer learns 3D point clouds.
 
@@ -298,15 +314,7 @@ class Any2PointModel(BaseTuner):
 
     def _route_backbone_forward(self) -> None:
         """Send `points=` calls of the backbone instance to `forward_points`, everything else to its own forward."""
-        backbone = self.model
-        original_forward = type(backbone).forward.__get__(backbone)
-
-        def forward(*args: Any, points: Tensor | None = None, **kwargs: Any) -> Any:
-            if points is None:
-                return original_forward(*args, **kwargs)
-            return self.forward_points(points, *args, **kwargs)
-
-        backbone.forward = forward
+        self.model.forward = RoutedForward(self.model, self)
 
     @property
     def _current_adapter(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 
@@ -109,6 +110,52 @@ def test_non_point_calls_still_reach_the_original_forward():
     input_ids = torch.tensor([[101, 2023, 102]])
     expected = make_backbone("bert")(input_ids=input_ids).last_hidden_state
     assert torch.equal(model(input_ids=input_ids).last_hidden_state, expected)
+
+
+def test_a_deep_copy_or_pickled_model_routes_points_to_its_own_adapter(points, tmp_path):
+    """EMA copies and the like: a copy's point calls must reach the copy's modules, not the original's."""
+    model = attach().eval()
+    with torch.no_grad():
+        before = model(points=points).logits
+        copied = copy.deepcopy(model)
+        copied.base_model.any2point["default"].head.layers[-1].bias.add_(1.0)  # the last layer: every logit + 1
+        assert torch.allclose(copied(points=points).logits, before + 1.0, atol=1e-6)
+        assert torch.equal(model(points=points).logits, before)
+        torch.save(model, tmp_path / "model.pt")
+        unpickled = torch.load(tmp_path / "model.pt", weights_only=False)
+        assert torch.equal(unpickled(points=points).logits, before)
+        input_ids = torch.tensor([[101, 2023, 102]])
+        assert torch.equal(
+            unpickled(input_ids=input_ids).last_hidden_state, model(input_ids=input_ids).last_hidden_state
+        )
+
+
+def test_compiled_blocks_match_eager_and_save_the_same_adapter(points, tmp_path):
+    eager = attach()
+    with torch.no_grad():  # the up-projections start at zero, which would hide the adapters from the comparison
+        for parameter in eager.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(std=0.1)
+    compiled = attach()
+    compiled.load_state_dict(eager.state_dict())
+    keys = list(compiled.state_dict())
+    compiled.base_model.compile_blocks()
+    assert list(compiled.state_dict()) == keys
+    labels = torch.tensor([0, 1, 2])
+    outputs = []
+    for model in (eager, compiled):
+        model.eval()  # no dropout, so that both draw nothing at random
+        output = model(points=points, labels=labels)
+        output.loss.backward()
+        outputs.append(output)
+    torch.testing.assert_close(outputs[1].logits, outputs[0].logits, rtol=1e-5, atol=1e-5)
+    for (name, expected), (_, actual) in zip(eager.named_parameters(), compiled.named_parameters(), strict=True):
+        if expected.requires_grad:
+            torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-4, atol=1e-6, msg=name)
+    compiled.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(make_backbone("bert"), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(points=points).logits, eager(points=points).logits)
 
 
 def test_unsupported_model_names_what_is_missing():

@@ -38,6 +38,8 @@ from peft_any2point.training import (
     point_cloud_metrics,
     predict,
     resolve_checkpoint,
+    restore_rng_state,
+    rng_state,
     save_adapter,
     save_checkpoint,
     write_metrics_log,
@@ -349,3 +351,22 @@ def test_load_backbone_builds_the_saved_headless_class_with_its_exact_weights(tm
     assert source.keys() == loaded.keys()
     for name, tensor in source.items():
         torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_an_augmentation_state_from_another_device_is_reseeded_reproducibly():
+    """A GPU checkpoint resumed on a CPU: the CUDA generator's 16-byte state cannot drive a CPU generator."""
+    state = rng_state(torch.Generator().manual_seed(0))
+    state["augment"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA (Philox) generator's state
+    draws = []
+    for _ in range(2):
+        generator = torch.Generator()
+        with pytest.warns(UserWarning, match="written on another kind of device"):
+            restore_rng_state(state, generator)
+        draws.append(torch.rand(4, generator=generator))
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+    # The reseed depends on the saved torch state, so checkpoints from other points of a run draw differently.
+    state["torch"] = torch.Generator().manual_seed(1).get_state()
+    generator = torch.Generator()
+    with pytest.warns(UserWarning):
+        restore_rng_state(state, generator)
+    assert not torch.equal(torch.rand(4, generator=generator), draws[0])

@@ -1,0 +1,31 @@
+"""The GPU step profiler, run on the CPU at tiny sizes: its timings, its capture by part and its report."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import profile_train_step
+
+
+def test_profile_reports_each_part_once_per_call_and_writes_its_report(tmp_path):
+    argv = ["--backbone", "tiny", "--batch_sizes", "2", "--num_points", "64", "--num_tokens", "16"]
+    result = profile_train_step.main([*argv, "--steps", "2", "--profile_steps", "2", "--output_dir", str(tmp_path)])
+    row = result["batches"][0]
+    assert row["batch_size"] == 2
+    assert 0 < row["host_issue_ms"] <= row["step_ms"]  # the host issues the step before the device has finished it
+    assert row["clouds_per_s"] == 1e3 * 2 / row["step_ms"]
+    assert row["bare"]["step_ms"] > 0
+    parts = row["profile"]["parts_forward"]
+    # Per step: one embedder and head, one block and one adapter per layer of the 2-layer backbone.
+    assert {name: part["calls_per_step"] for name, part in parts.items()} == {
+        "embedder": 1,
+        "blocks": 2,
+        "adapters": 2,
+        "head": 1,
+    }
+    assert all(part["host_ms"] > 0 for part in parts.values())
+    assert row["profile"]["kernels_per_step"] == 0  # no device kernels on the CPU
+    saved = json.loads((tmp_path / "profile_cpu_tiny.json").read_text())
+    assert saved["batches"][0]["step_ms"] == row["step_ms"]
+    report = (tmp_path / "profile_cpu_tiny.md").read_text()
+    assert "| 2 |" in report and "| embedder | 1 |" in report
