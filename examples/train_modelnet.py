@@ -139,6 +139,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "step is about 1.5x faster on the CPU. auto: yes on the CPU from 1024 points on (measured there only).",
     )
     parser.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=None,
+        help="Processes that assemble batches while a step runs. Default: 4 on a GPU (3.9 ms a batch on an H200's "
+        "host, otherwise spent in turn with the step), 0 on the CPU, whose cores the step needs.",
+    )
+    parser.add_argument(
         "--compile_blocks",
         default="auto",
         choices=("auto", "yes", "no"),
@@ -180,7 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.dataset, args.data_dir, args.num_points, args.max_train_samples, args.max_eval_samples, args.seed
     )
     accelerator.print(f"Data: {data.dataset} from {data.source}: {len(data.train)} train / {len(data.test)} test")
-    train_loader, test_loader = make_dataloaders(data, args.batch_size, args.seed)
+    workers = args.dataloader_num_workers
+    if workers is None:
+        workers = 4 if accelerator.device.type == "cuda" else 0
+    train_loader, test_loader = make_dataloaders(data, args.batch_size, args.seed, workers)
     augment = train_augmentation(data.dataset)
     augment_generator = torch.Generator(accelerator.device).manual_seed(args.seed + accelerator.process_index)
 

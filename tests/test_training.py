@@ -370,3 +370,23 @@ def test_an_augmentation_state_from_another_device_is_reseeded_reproducibly():
     with pytest.warns(UserWarning):
         restore_rng_state(state, generator)
     assert not torch.equal(torch.rand(4, generator=generator), draws[0])
+
+
+def test_loader_workers_yield_the_same_batches_in_the_same_order(accelerator):
+    """Workers only assemble batches: the train order (also when resuming mid-epoch) and the test order hold."""
+    data = PointCloudData(
+        make_synthetic_dataset("train", num_points=8, samples_per_class=3),
+        make_synthetic_dataset("test", num_points=8, samples_per_class=1),
+        "synthetic",
+        "test",
+    )
+    batches = {}
+    for workers in (0, 2):
+        train, test = accelerator.prepare(*make_dataloaders(data, batch_size=4, seed=7, num_workers=workers))
+        train.set_epoch(3)
+        skipped = accelerator.skip_first_batches(train, 2)
+        skipped.set_epoch(3)
+        batches[workers] = [b["points"] for loader in (train, skipped, test) for b in loader]
+    assert len(batches[0]) == 6 + 4 + 2
+    for expected, actual in zip(batches[0], batches[2], strict=True):
+        assert torch.equal(expected, actual)
