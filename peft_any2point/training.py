@@ -338,15 +338,19 @@ def rng_state(augment_generator: torch.Generator) -> dict[str, Any]:
 
 
 def restore_rng_state(state: Mapping[str, Any], augment_generator: torch.Generator) -> None:
-    """Restore what `rng_state` saved. A run resumed on another kind of device (a GPU checkpoint on a CPU) cannot
-    continue the augmentation's stream, whose state is device-specific: it is reseeded from the saved torch state,
-    so the resumed run is still reproducible, though not bit-identical to an uninterrupted one."""
+    """Restore what `rng_state` saved.
+
+    The augmentation's generator state is device-specific (a CUDA generator's is 16 bytes, a CPU one's 5,056), so a
+    run resumed on another kind of device, a GPU checkpoint on a CPU say, cannot continue its stream. It is then
+    reseeded from the saved torch state: the resumed run stays reproducible, though not bit-identical to an
+    uninterrupted one.
+    """
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    try:
+    if state["augment"].numel() == augment_generator.get_state().numel():
         augment_generator.set_state(state["augment"])
-    except RuntimeError:
+    else:
         seed = int(torch.randint(2**62, (1,), generator=torch.Generator().set_state(state["torch"])))
         augment_generator.manual_seed(seed)
         warnings.warn(
