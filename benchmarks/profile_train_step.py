@@ -163,8 +163,8 @@ def profile_step(
 ) -> dict[str, Any]:
     """Capture `steps` steps; with `model` (not under torch.compile, whose guards hooks would break) by part too."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    parts = labelled_parts(model) if model is not None else contextlib.nullcontext()
-    with parts, profile(activities=activities) as capture:
+    labels = labelled_parts(model) if model is not None else contextlib.nullcontext()
+    with labels, profile(activities=activities) as capture:
         for _ in range(steps):
             step()
         synchronize(device)
@@ -198,6 +198,7 @@ def profile_step(
 
 
 def loader_speed(data_dir: str, batch_size: int, batches: int) -> dict[str, float]:
+    """How fast the train DataLoader yields batches in the main process (no workers): the host time a step waits."""
     data = load_train_test("modelnet40", data_dir, 1024, None, None, 0)
     loader = iter(make_dataloaders(data, batch_size, 0)[0])
     next(loader)
