@@ -39,6 +39,7 @@ from accelerate import Accelerator
 from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from peft_any2point.data import DATA_DIR_ENV, DEFAULT_DATA_DIR, load_point_cloud_dataset, resolve_data_dir
@@ -525,7 +526,13 @@ def predict(
     generator = torch.Generator(accelerator.device).manual_seed(seed + accelerator.process_index)
     model.eval()
     all_logits, all_labels = [], []
-    for batch in dataloader:
+    progress = tqdm(
+        dataloader,
+        desc=f"evaluating ({num_votes} votes)" if num_votes > 1 else "evaluating",
+        leave=False,
+        disable=not accelerator.is_local_main_process,
+    )
+    for batch in progress:
         points = batch["points"]
         logits = model(points=points).logits.float()
         for _ in range(1, num_votes):
