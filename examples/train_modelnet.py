@@ -149,8 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile_blocks",
         default="auto",
         choices=("auto", "yes", "no"),
-        help="torch.compile every backbone block and adapter, which cuts the kernels a step launches; auto: yes on "
-        "a GPU, where a step is bound by launching them (see benchmarks/profile_train_step.py).",
+        help="torch.compile every backbone block and adapter: fewer, fused kernels. auto: yes on a GPU, where a step "
+        "is bound by launching kernels (1.7x there, benchmarks/profile_train_step.py), and on the CPU from 1024 points "
+        "on (a 10%% faster step after about 30 s of compiling, benchmarks/bench_compile.py).",
     )
     parser.add_argument(
         "--attn_implementation",
@@ -214,12 +215,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     backbone = load_backbone(args.model_name_or_path, accelerator.device, args.attn_implementation)
     model = get_peft_model(backbone, config)
-    compile_auto = accelerator.device.type == "cpu" and args.num_points >= 1024
-    if args.compile_embedder == "yes" or (args.compile_embedder == "auto" and compile_auto):
+    cpu_from_1024_points = accelerator.device.type == "cpu" and args.num_points >= 1024
+    on_gpu = accelerator.device.type == "cuda"
+    if args.compile_embedder == "yes" or (args.compile_embedder == "auto" and cpu_from_1024_points):
         model.base_model.any2point["default"].embedder.compile_pooling()
     if args.tuning != "any2point":
         make_baseline(model, args.tuning, args.lora_rank)
-    if args.compile_blocks == "yes" or (args.compile_blocks == "auto" and accelerator.device.type == "cuda"):
+    if args.compile_blocks == "yes" or (args.compile_blocks == "auto" and (cpu_from_1024_points or on_gpu)):
         model.base_model.compile_blocks()  # after a baseline has changed the blocks
     trainable_params, total_params = model.get_nb_trainable_parameters()
     accelerator.print(f"Trainable parameters: {trainable_params:,} of {total_params:,}")

@@ -328,7 +328,8 @@ class Any2PointModel(BaseTuner):
 
         On a GPU a training step is bound by the host issuing kernels, not by the chip (H200, MiniLM, B=32: the host
         takes 67 ms to issue a step whose ~2,000 kernels keep the GPU busy 13 ms); a compiled block or adapter is a
-        few fused kernels. Compiling in place keeps weights and state-dict keys, so adapters save and load as before.
+        few fused kernels (39 ms a step there). On a 2-core CPU the step gets 4-11 % faster. Compiling in place keeps
+        weights and state-dict keys, so adapters save and load as before.
         """
         modules = [*self.backbone_spec.blocks, *self.any2point[self._current_adapter].adapters]
         # Blocks and adapters share their forwards; each (grad mode, train mode, dtype, batch size) may need a graph.

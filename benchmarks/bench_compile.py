@@ -1,0 +1,134 @@
+"""Any2Point's training step with its backbone blocks and adapters eager against compiled (`compile_blocks`), in turns.
+
+Two models with the same weights, both with the embedder's pooling compiled as training does from 1024 points on the
+CPU (`--compile_embedder`); one of them also gets `compile_blocks()`. Their bf16 training steps (forward, backward, AdamW) take turns,
+`--rounds` times, so that the VM's drifting speed falls on both alike. The first two steps of each, which include
+compiling, are timed apart. `python -m benchmarks.bench_compile` writes `results/compile_blocks.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import get_peft_model
+
+from benchmarks.bench_speed import build_backbone, machine_name
+from benchmarks.timing import interleaved_median
+from peft_any2point import Any2PointConfig
+from peft_any2point.io import atomic_write_text
+
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = ("eager", "compiled")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", choices=["minilm", "tiny"], default="minilm", help="tiny: random 2-layer BERT")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--num_points", type=int, default=1024)
+    parser.add_argument("--num_tokens", type=int, default=128)
+    parser.add_argument("--min_run_time", type=float, default=16.0, help="seconds of timing per variant")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--compile_embedder",
+        default="yes",
+        choices=("yes", "no"),
+        help="compile the embedder's pooling in both variants, as training does from 1024 points on the CPU",
+    )
+    parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument("--stem", default="compile_blocks")
+    return parser.parse_args(argv)
+
+
+def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
+    backbone = build_backbone(args.backbone)
+    backbone.set_attn_implementation("eager")  # what training uses on the CPU
+    torch.manual_seed(0)  # the same adapter weights in both variants
+    model = get_peft_model(backbone, Any2PointConfig(num_labels=40, num_tokens=args.num_tokens)).train()
+    if args.compile_embedder == "yes":
+        model.base_model.any2point["default"].embedder.compile_pooling()
+    if variant == "compiled":
+        model.base_model.compile_blocks()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.05)
+    generator = torch.Generator().manual_seed(0)
+    points = torch.rand(args.batch_size, args.num_points, 3, generator=generator) * 2 - 1
+    labels = torch.randint(0, 40, (args.batch_size,), generator=generator)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(points=points, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def markdown(result: dict[str, Any]) -> str:
+    eager = result["variants"]["eager"]["step_s"]
+    lines = [
+        f"Any2Point bf16 training step on {result['machine']} ({result['threads']} threads), {result['backbone']}, "
+        f"B={result['batch_size']}, {result['num_points']} points, {result['num_tokens']} tokens, embedder pooling "
+        f"compiled in both: {result['compile_embedder']}; median of {result['rounds']} interleaved rounds, {result['date']}.",
+        "",
+        "| blocks and adapters | first two steps (compiling) | step | clouds/s | step vs eager |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, row in result["variants"].items():
+        lines.append(
+            f"| {name} | {row['first_steps_s']:.1f} s | {row['step_s']:.3f} s | {row['clouds_per_s']:.1f} "
+            f"| {row['step_s'] / eager:.2f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps, first = {}, {}
+    for variant in VARIANTS:
+        steps[variant] = make_step(variant, args)
+        start = time.perf_counter()
+        steps[variant]()
+        steps[variant]()
+        first[variant] = time.perf_counter() - start
+    times = interleaved_median(steps, args.min_run_time, args.rounds, args.threads)
+    result = {
+        "machine": machine_name(),
+        "threads": args.threads,
+        "backbone": args.backbone,
+        "batch_size": args.batch_size,
+        "num_points": args.num_points,
+        "num_tokens": args.num_tokens,
+        "rounds": args.rounds,
+        "compile_embedder": args.compile_embedder,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "variants": {
+            name: {
+                "first_steps_s": first[name],
+                "step_s": seconds,
+                "timed_steps": count,
+                "clouds_per_s": args.batch_size / seconds,
+            }
+            for name, (seconds, count) in times.items()
+        },
+    }
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.output_dir / f"{args.stem}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.output_dir / f"{args.stem}.md", markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
