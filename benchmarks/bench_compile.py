@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +19,9 @@ import torch
 from peft import get_peft_model
 
 from benchmarks.bench_speed import build_backbone, machine_name
+from benchmarks.reporting import write_report
 from benchmarks.timing import interleaved_median
 from peft_any2point import Any2PointConfig
-from peft_any2point.io import atomic_write_text
 
 
 RESULTS = Path(__file__).parent / "results"
@@ -123,10 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name, (seconds, count) in times.items()
         },
     }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.output_dir / f"{args.stem}.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(args.output_dir / f"{args.stem}.md", markdown(result))
-    print(markdown(result))
+    write_report(args.output_dir, args.stem, result, markdown(result))
     return result
 
 

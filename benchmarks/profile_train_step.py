@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -33,8 +32,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import BertConfig, BertModel
 
+from benchmarks.reporting import write_report
 from peft_any2point import Any2PointConfig
-from peft_any2point.io import atomic_write_text
 from peft_any2point.training import load_train_test, make_dataloaders, train_augmentation
 
 
@@ -284,7 +283,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stem = "_".join(
         ["profile", device.type, args.backbone, *([f"compiled_{args.compile}"] if args.compile != "none" else [])]
     )
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     if args.data_dir:
         result["loader"] = loader_speed(args.data_dir, args.batch_sizes[0], 50)
     for batch_size in args.batch_sizes:
@@ -295,9 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["profile"] = profile_step(None if args.compile != "none" else model, step, args.profile_steps, device)
         result["batches"].append(row)
         print(row["batch_size"], f"{row['step_ms']:.1f} ms", f"{row['clouds_per_s']:.0f} clouds/s", flush=True)
-        atomic_write_text(args.output_dir / f"{stem}.json", json.dumps(result, indent=2) + "\n")
-        atomic_write_text(args.output_dir / f"{stem}.md", markdown(result))
-    print(markdown(result))
+        write_report(args.output_dir, stem, result, markdown(result), echo=batch_size == args.batch_sizes[-1])
     return result
 
 

@@ -1,4 +1,4 @@
-"""Where and how the benchmarks that sweep configurations write what they measured."""
+"""Where and how the benchmarks write what they measured."""
 
 from __future__ import annotations
 
@@ -20,8 +20,15 @@ def run_stamp() -> dict[str, str]:
     }
 
 
-def write_results(output_dir: Path, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]], table: str) -> None:
-    """`<stem>.json` ({"meta", "rows"}) and `<stem>.md` (the table), each written atomically; the table is printed."""
-    atomic_write_text(output_dir / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+def write_report(output_dir: Path, stem: str, record: dict[str, Any], table: str, echo: bool = True) -> None:
+    """`<stem>.json` (the record) and `<stem>.md` (the table), each written atomically; the table is printed."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / f"{stem}.json", json.dumps(record, indent=2) + "\n")
     atomic_write_text(output_dir / f"{stem}.md", table)
-    print(table)
+    if echo:
+        print(table)
+
+
+def write_results(output_dir: Path, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]], table: str) -> None:
+    """A sweep's `<stem>.json` ({"meta", "rows"}) and `<stem>.md`, as `write_report` writes them."""
+    write_report(output_dir, stem, {"meta": meta, "rows": rows}, table)

@@ -66,13 +66,18 @@ def test_shuffle_order_depends_on_seed_and_epoch_only():
     assert list(other_seed) != order
 
 
-def test_skipping_batches_resumes_the_same_shuffled_order(accelerator):
-    data = PointCloudData(
+def small_synthetic_data() -> PointCloudData:
+    """8 classes: 24 train clouds (6 batches of 4) and 8 test clouds, of 8 points each."""
+    return PointCloudData(
         make_synthetic_dataset("train", num_points=8, samples_per_class=3),
         make_synthetic_dataset("test", num_points=8, samples_per_class=1),
         "synthetic",
         "test",
     )
+
+
+def test_skipping_batches_resumes_the_same_shuffled_order(accelerator):
+    data = small_synthetic_data()
     train, _ = make_dataloaders(data, batch_size=4, seed=7)
     train = accelerator.prepare(train)
     train.set_epoch(2)
@@ -374,12 +379,7 @@ def test_an_augmentation_state_from_another_device_is_reseeded_reproducibly():
 
 def test_loader_workers_yield_the_same_batches_in_the_same_order(accelerator):
     """Workers only assemble batches: the train order (also when resuming mid-epoch) and the test order hold."""
-    data = PointCloudData(
-        make_synthetic_dataset("train", num_points=8, samples_per_class=3),
-        make_synthetic_dataset("test", num_points=8, samples_per_class=1),
-        "synthetic",
-        "test",
-    )
+    data = small_synthetic_data()
     batches = {}
     for workers in (0, 2):
         train, test = accelerator.prepare(*make_dataloaders(data, batch_size=4, seed=7, num_workers=workers))
