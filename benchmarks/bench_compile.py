@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from peft import get_peft_model
 
-from benchmarks.bench_speed import build_backbone, machine_name
+from benchmarks.bench_speed import build_backbone, machine_name, train_step
 from benchmarks.reporting import write_report
 from benchmarks.timing import interleaved_median
 from peft_any2point import Any2PointConfig
@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
+def make_step(variant: str, args: argparse.Namespace) -> Callable[[], object]:
+    """bench_speed's bf16 training step of a fresh model, its blocks and adapters compiled in the "compiled" variant."""
     backbone = build_backbone(args.backbone)
     backbone.set_attn_implementation("eager")  # what training uses on the CPU
     torch.manual_seed(0)  # the same adapter weights in both variants
@@ -61,15 +62,7 @@ def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
     generator = torch.Generator().manual_seed(0)
     points = torch.rand(args.batch_size, args.num_points, 3, generator=generator) * 2 - 1
     labels = torch.randint(0, 40, (args.batch_size,), generator=generator)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(points=points, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return lambda: train_step(lambda: model(points=points, labels=labels).loss, optimizer, "bf16")
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -32,6 +32,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import BertConfig, BertModel
 
+from benchmarks.bench_speed import TINY_BERT
 from benchmarks.reporting import write_report
 from peft_any2point import Any2PointConfig
 from peft_any2point.training import load_train_test, make_dataloaders, train_augmentation
@@ -41,7 +42,7 @@ RESULTS = Path(__file__).parent / "results"
 COMPILE = ("none", "blocks", "regions", "model")
 SHAPES = {
     "minilm": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536},
-    "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
+    "tiny": TINY_BERT,
 }
 
 

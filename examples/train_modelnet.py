@@ -188,9 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.dataset, args.data_dir, args.num_points, args.max_train_samples, args.max_eval_samples, args.seed
     )
     accelerator.print(f"Data: {data.dataset} from {data.source}: {len(data.train)} train / {len(data.test)} test")
+    on_gpu = accelerator.device.type == "cuda"
     workers = args.dataloader_num_workers
     if workers is None:
-        workers = 4 if accelerator.device.type == "cuda" else 0
+        workers = 4 if on_gpu else 0
     train_loader, test_loader = make_dataloaders(data, args.batch_size, args.seed, workers)
     augment = train_augmentation(data.dataset)
     augment_generator = torch.Generator(accelerator.device).manual_seed(args.seed + accelerator.process_index)
@@ -216,7 +217,6 @@ def main(argv: list[str] | None = None) -> dict:
     backbone = load_backbone(args.model_name_or_path, accelerator.device, args.attn_implementation)
     model = get_peft_model(backbone, config)
     cpu_from_1024_points = accelerator.device.type == "cpu" and args.num_points >= 1024
-    on_gpu = accelerator.device.type == "cuda"
     if args.compile_embedder == "yes" or (args.compile_embedder == "auto" and cpu_from_1024_points):
         model.base_model.any2point["default"].embedder.compile_pooling()
     if args.tuning != "any2point":
