@@ -45,6 +45,7 @@ import peft_any2point.embedder
 from benchmarks.timing import interleaved_median
 from peft_any2point import Any2PointConfig
 from peft_any2point.adapter import LocalGeometry
+from peft_any2point.allocator import keep_freed_memory
 from peft_any2point.io import atomic_write_text
 from peft_any2point.model import backbone_dropout_mode
 from peft_any2point.ops import default_backend
@@ -118,6 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="yes",
         choices=("yes", "no"),
         help="compile the embedder's per-neighbour work, as training does from 1024 points on",
+    )
+    parser.add_argument(
+        "--keep_freed_memory",
+        default="yes",
+        choices=("yes", "no"),
+        help="keep_freed_memory() before measuring, as CPU training does (no page faults for large tensors)",
     )
     parser.add_argument("--quick", action="store_true", help=f"small sizes for smoke tests: {QUICK}")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
@@ -415,7 +422,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"load average {meta['load_average_before']} before / {meta['load_average_after']} after), torch "
         f"{meta['torch']}, {meta['date']}{' (--quick)' if meta['quick'] else ''}. Backbone {meta['backbone']}, "
         f"B={meta['batch_size']} clouds × N={meta['num_points']} points → 1+{meta['num_tokens']} tokens, "
-        f"{meta['attn_implementation']} attention, embedder pooling compiled: {meta['compile_embedder']}, geometry "
+        f"{meta['attn_implementation']} attention, embedder pooling compiled: {meta['compile_embedder']}, freed memory "
+        f"kept (`keep_freed_memory`): {'yes' if meta.get('keep_freed_memory') else 'no'}, geometry "
         f"backends per stage: {'; '.join(meta.get('geometry_backends', ['not recorded']))}. Matmul peak "
         f"(n={peak['fp32']['size']}, best block): fp32 {peak['fp32']['gflops']:.0f} GFLOP/s, bf16 "
         f"{peak['bf16']['gflops']:.0f} GFLOP/s.",
@@ -468,6 +476,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = args.keep_freed_memory == "yes" and keep_freed_memory()
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_name(),
@@ -484,6 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         "rounds": args.rounds,
         "attn_implementation": args.attn_implementation,
         "compile_embedder": args.compile_embedder,
+        "keep_freed_memory": kept,
     }
     peak = {precision: matmul_peak(args.matmul_size, DTYPES[precision], args) for precision in PRECISIONS}
     print("matmul peak GFLOP/s:", {precision: round(value["gflops"]) for precision, value in peak.items()}, flush=True)

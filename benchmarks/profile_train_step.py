@@ -35,7 +35,7 @@ from transformers import BertConfig, BertModel
 from benchmarks.bench_speed import TINY_BERT
 from benchmarks.reporting import write_report
 from peft_any2point import Any2PointConfig
-from peft_any2point.training import load_train_test, make_dataloaders, train_augmentation
+from peft_any2point.training import default_attention, load_train_test, make_dataloaders, train_augmentation
 
 
 RESULTS = Path(__file__).parent / "results"
@@ -73,6 +73,8 @@ def synchronize(device: torch.device) -> None:
 def build(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, BertModel]:
     torch.manual_seed(0)
     backbone = BertModel(BertConfig(**SHAPES[args.backbone])).to(device).eval()
+    if attention := default_attention(device):  # what training uses there
+        backbone.set_attn_implementation(attention)
     model = get_peft_model(backbone, Any2PointConfig(num_labels=40, num_tokens=args.num_tokens))
     return model, backbone
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 import peft_any2point  # noqa: F401  (registers the Any2Point method with peft; import before loading)
 from peft_any2point.data import DATASET_NAMES
 from peft_any2point.training import (
+    KEEP_FREED_MEMORY_HELP,
     add_outlier_filter_arguments,
     check_num_labels,
     create_accelerator,
@@ -44,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--seed", type=int, default=42)
     add_outlier_filter_arguments(parser)
+    parser.add_argument(
+        "--keep_freed_memory", default="auto", choices=("auto", "yes", "no"), help=KEEP_FREED_MEMORY_HELP
+    )
     parser.add_argument("--output_file", default=None, help="Default: <adapter_path>/eval_results.json.")
     args = parser.parse_args(argv)
     if args.voting < 1:
@@ -53,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator = create_accelerator(args.mixed_precision)
+    accelerator = create_accelerator(args.mixed_precision, keep_memory=args.keep_freed_memory)
     overrides = outlier_filter_overrides(args)
     model, base = load_adapter(
         args.adapter_path, args.model_name_or_path, accelerator.device, config_overrides=overrides

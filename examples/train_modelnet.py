@@ -29,6 +29,7 @@ from peft_any2point.hub import push_adapter_to_hub
 from peft_any2point.metrics import plot_confusion_matrix, plot_training_curves
 from peft_any2point.model import PointClassificationHead
 from peft_any2point.training import (
+    KEEP_FREED_MEMORY_HELP,
     METRICS_LOG,
     STOPPED_FILE,
     CollapseGuard,
@@ -154,6 +155,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "on (a 10%% faster step after about 30 s of compiling, benchmarks/bench_compile.py).",
     )
     parser.add_argument(
+        "--keep_freed_memory", default="auto", choices=("auto", "yes", "no"), help=KEEP_FREED_MEMORY_HELP
+    )
+    parser.add_argument(
         "--attn_implementation",
         default="auto",
         choices=("auto", "eager", "sdpa"),
@@ -179,7 +183,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator = create_accelerator(args.mixed_precision, args.gradient_accumulation_steps)
+    accelerator = create_accelerator(
+        args.mixed_precision, args.gradient_accumulation_steps, keep_memory=args.keep_freed_memory
+    )
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
 

@@ -63,6 +63,9 @@ def _fps_torch(points: Tensor, num_samples: int, start: Tensor) -> Tensor:
     batch, num_points, _ = points.shape
     x, y, z = points.float().permute(2, 0, 1).contiguous().unbind(0)  # 3 x (B, N)
     min_dist = torch.full((batch, num_points), float("inf"), device=points.device)  # (B, N)
+    # Distances >= 0 order like the int32s of their bit patterns, and argmax over int32 is about twice as fast on a
+    # CPU (B=32, 256-1024 points); the index is the same.
+    min_dist_bits = min_dist.view(torch.int32)
     dist = torch.empty_like(min_dist)
     diff = torch.empty_like(min_dist)
     current = start.view(batch, 1)
@@ -74,7 +77,7 @@ def _fps_torch(points: Tensor, num_samples: int, start: Tensor) -> Tensor:
         torch.sub(z, z.gather(1, current), out=diff)
         dist.addcmul_(diff, diff)
         torch.minimum(min_dist, dist, out=min_dist)
-        current = min_dist.argmax(dim=1, keepdim=True)  # (B, 1), lowest index on ties
+        current = min_dist_bits.argmax(dim=1, keepdim=True)  # (B, 1), lowest index on ties
         selected.append(current)
     return torch.cat(selected, dim=1)  # (B, num_samples)
 
