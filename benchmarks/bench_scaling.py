@@ -2,8 +2,8 @@
 
 Each configuration runs in a process of its own, so that its peak resident memory (`ru_maxrss`, or the CUDA
 allocator's peak on a GPU) is its own: the default Any2PointConfig (128 tokens from 3 stages), bf16 autocast, the
-embedder's pooling compiled as training compiles it on a CPU, a warm-up step and then `--steps` timed training steps
-on random clouds. The configurations take turns, `--rounds` times, and each row reports the median round with the
+embedder's pooling compiled and freed memory kept as training does on a CPU, a warm-up step and then `--steps` timed
+training steps on random clouds. The configurations take turns, `--rounds` times, and each row reports the median round with the
 range: a shared VM's speed drifts over minutes, and a single pass would credit that drift to whichever configuration
 ran during it. `--knn_backend torch` hides torch-cluster from the children, to time the pure-torch geometry that
 an installation without it runs; each row records the FPS and kNN backends of every embedder stage.
@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from benchmarks.reporting import run_stamp, write_results
+from peft_any2point.allocator import keep_freed_memory
 from peft_any2point.metrics import save_png
 
 
@@ -45,6 +46,8 @@ def measure(args: argparse.Namespace, num_points: int, batch_size: int) -> dict[
     """Time training steps of one configuration in this process, and report its peak memory."""
     if args.knn_backend == "torch":
         sys.modules["torch_cluster"] = None  # an import of it now fails, as where it is not installed
+    if args.keep_freed_memory == "yes" and args.device == "cpu":
+        keep_freed_memory()
     import transformers
     from peft import get_peft_model
 
@@ -106,6 +109,7 @@ def run_in_child(args: argparse.Namespace, num_points: int, batch_size: int) -> 
     command = [sys.executable, "-m", "benchmarks.bench_scaling", "--child", str(num_points), str(batch_size)]
     command += ["--backbone", args.backbone, "--steps", str(args.steps), "--device", args.device]
     command += ["--knn_backend", args.knn_backend, "--compile_embedder", args.compile_embedder]
+    command += ["--keep_freed_memory", args.keep_freed_memory]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -161,6 +165,7 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Scaling of a bf16 training step on {meta['machine']} ({meta['device']}), {meta['date']}, backbone {meta['backbone']}, "
         f"default Any2PointConfig (128 tokens), {rows[0]['attn_implementation']} attention, "
         f"embedder pooling compiled: {meta['compile_embedder']}, "
+        f"freed memory kept: {'yes' if meta.get('keep_freed_memory') else 'no'}, "
         f"{'torch-cluster hidden' if meta['knn_backend'] == 'torch' else 'every installed geometry backend'}, "
         f"{meta['steps']} timed steps after one warm-up in each of {meta['rounds']} rounds, the configurations taking "
         f"turns; s/step is the median round (range in brackets); memory: {rows[0]['memory']}. `scaling.png` plots it.",
@@ -190,6 +195,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--knn_backend", choices=("auto", "torch"), default="auto", help="torch: hide torch-cluster from the children"
     )
     parser.add_argument("--compile_embedder", choices=("yes", "no"), default="yes")
+    parser.add_argument(
+        "--keep_freed_memory",
+        choices=("yes", "no"),
+        default="yes",
+        help="keep_freed_memory() in the CPU children, as CPU training does",
+    )
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     parser.add_argument("--child", type=int, nargs=2, metavar=("POINTS", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -204,6 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     meta = {**run_stamp(), "device": args.device, "backbone": args.backbone, "steps": args.steps}
     meta |= {"rounds": args.rounds, "batch_size": args.batch_size}
     meta |= {"knn_backend": args.knn_backend, "compile_embedder": args.compile_embedder}
+    meta["keep_freed_memory"] = args.keep_freed_memory == "yes" and args.device == "cpu"
     meta["torch"] = torch.__version__
     write_results(args.output_dir, "scaling", meta, rows, to_markdown(rows, meta))
     plot(rows, meta, args.output_dir / "scaling.png")
