@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from peft import get_peft_model
 
-from benchmarks.bench_speed import build_backbone, machine_name, make_steps
+from benchmarks.bench_speed import add_step_arguments, build_backbone, machine_name, make_steps
 from benchmarks.reporting import write_report
 from peft_any2point import Any2PointConfig
 from peft_any2point.allocator import keep_freed_memory
@@ -37,10 +37,7 @@ STEPS = (("any2point", "train"), ("any2point", "inference"), ("bare", "train"))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", choices=["minilm", "tiny"], default="minilm", help="tiny: random 2-layer BERT")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--num_points", type=int, default=1024)
-    parser.add_argument("--num_tokens", type=int, default=128)
+    add_step_arguments(parser)
     parser.add_argument("--steps_per_block", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from peft import get_peft_model
 
-from benchmarks.bench_speed import build_backbone, machine_name, train_step
+from benchmarks.bench_speed import add_step_arguments, build_backbone, machine_name, train_step
 from benchmarks.reporting import write_report
 from benchmarks.timing import interleaved_median
 from peft_any2point import Any2PointConfig
@@ -30,10 +30,7 @@ VARIANTS = ("eager", "compiled")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", choices=["minilm", "tiny"], default="minilm", help="tiny: random 2-layer BERT")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--num_points", type=int, default=1024)
-    parser.add_argument("--num_tokens", type=int, default=128)
+    add_step_arguments(parser)
     parser.add_argument("--min_run_time", type=float, default=16.0, help="seconds of timing per variant")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)

@@ -97,12 +97,17 @@ CPU_ATTENTION_FLOPS = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The step's shape, shared by the CPU step benchmarks: backbone, clouds per batch, points, tokens."""
     parser.add_argument("--backbone", choices=["minilm", "tiny"], default="minilm", help="tiny: random 2-layer BERT")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_points", type=int, default=1024)
     parser.add_argument("--num_tokens", type=int, default=128, help="Any2PointConfig.num_tokens (3 stages: N >= 4T)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_step_arguments(parser)
     parser.add_argument("--matmul_size", type=int, default=2048, help="n of the n × n matmuls that measure the peak")
     parser.add_argument("--min_run_time", type=float, default=3.0, help="seconds of timing per measured step kind")
     parser.add_argument("--rounds", type=int, default=3, help="turns bare and Any2Point take; the median is over them")
