@@ -18,10 +18,17 @@ from typing import Any
 import torch
 from peft import get_peft_model
 
-from benchmarks.bench_speed import add_step_arguments, build_backbone, machine_name, train_step
+from benchmarks.bench_speed import (
+    add_keep_memory_argument,
+    add_step_arguments,
+    build_backbone,
+    machine_name,
+    train_step,
+)
 from benchmarks.reporting import write_report
 from benchmarks.timing import interleaved_median
 from peft_any2point import Any2PointConfig
+from peft_any2point.allocator import keep_freed_memory
 
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("yes", "no"),
         help="compile the embedder's pooling in both variants, as training does from 1024 points on the CPU",
     )
+    add_keep_memory_argument(parser)
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     parser.add_argument("--stem", default="compile_blocks")
     return parser.parse_args(argv)
@@ -67,7 +75,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Any2Point bf16 training step on {result['machine']} ({result['threads']} threads), {result['backbone']}, "
         f"B={result['batch_size']}, {result['num_points']} points, {result['num_tokens']} tokens, embedder pooling "
-        f"compiled in both: {result['compile_embedder']}; median of {result['rounds']} interleaved rounds, {result['date']}.",
+        f"compiled in both: {result['compile_embedder']}, freed memory kept: "
+        f"{'yes' if result.get('keep_freed_memory') else 'no'}; median of {result['rounds']} interleaved rounds, "
+        f"{result['date']}.",
         "",
         "| blocks and adapters | first two steps (compiling) | step | clouds/s | step vs eager |",
         "| --- | --- | --- | --- | --- |",
@@ -83,6 +93,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = args.keep_freed_memory == "yes" and keep_freed_memory()
     steps, first = {}, {}
     for variant in VARIANTS:
         steps[variant] = make_step(variant, args)
@@ -100,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_tokens": args.num_tokens,
         "rounds": args.rounds,
         "compile_embedder": args.compile_embedder,
+        "keep_freed_memory": kept,
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "variants": {

@@ -105,6 +105,15 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_tokens", type=int, default=128, help="Any2PointConfig.num_tokens (3 stages: N >= 4T)")
 
 
+def add_keep_memory_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep_freed_memory",
+        default="yes",
+        choices=("yes", "no"),
+        help="keep_freed_memory() before measuring on the CPU, as CPU training does (no page faults for large tensors)",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_step_arguments(parser)
@@ -125,12 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("yes", "no"),
         help="compile the embedder's per-neighbour work, as training does from 1024 points on",
     )
-    parser.add_argument(
-        "--keep_freed_memory",
-        default="yes",
-        choices=("yes", "no"),
-        help="keep_freed_memory() before measuring, as CPU training does (no page faults for large tensors)",
-    )
+    add_keep_memory_argument(parser)
     parser.add_argument("--quick", action="store_true", help=f"small sizes for smoke tests: {QUICK}")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
