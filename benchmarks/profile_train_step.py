@@ -35,6 +35,7 @@ from transformers import BertConfig, BertModel
 from benchmarks.bench_speed import TINY_BERT
 from benchmarks.reporting import write_report
 from peft_any2point import Any2PointConfig
+from peft_any2point.model import backbone_dropout_mode
 from peft_any2point.training import default_attention, load_train_test, make_dataloaders, train_augmentation
 
 
@@ -101,13 +102,17 @@ def make_train_step(model: nn.Module, batch_size: int, args: argparse.Namespace,
 
 
 def make_bare_step(backbone: BertModel, batch_size: int, args: argparse.Namespace, device: torch.device) -> Callable:
-    """Frozen blocks on the same number of tokens, gradient to the inputs: what Any2Point adds to is this."""
+    """Frozen blocks on the same number of tokens, gradient to the inputs: what Any2Point adds to is this.
+
+    The training step leaves the backbone in train mode; its blocks run without dropout here, as Any2Point runs them
+    (`backbone_dropout=False`), or the bare step would pay for dropout that the Any2Point step skips.
+    """
     states = torch.randn(batch_size, 1 + args.num_tokens, backbone.config.hidden_size, device=device)
     inputs = nn.Parameter(states)
     optimizer = torch.optim.AdamW([inputs], lr=5e-4)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with backbone_dropout_mode(backbone, False), torch.autocast(device.type, dtype=torch.bfloat16):
             loss = backbone(inputs_embeds=inputs).last_hidden_state.float().square().mean()
         loss.backward()
         optimizer.step()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from benchmarks import profile_train_step
 
 
@@ -29,3 +31,17 @@ def test_profile_reports_each_part_once_per_call_and_writes_its_report(tmp_path)
     assert saved["batches"][0]["step_ms"] == row["step_ms"]
     report = (tmp_path / "profile_cpu_tiny.md").read_text()
     assert "| 2 |" in report and "| embedder | 1 |" in report
+
+
+def test_bare_step_runs_the_blocks_without_dropout_and_restores_train_mode():
+    args = profile_train_step.parse_args(["--backbone", "tiny", "--num_tokens", "16"])
+    model, backbone = profile_train_step.build(args, torch.device("cpu"))
+    model.train()  # as the training step leaves it
+    dropouts = [module for module in backbone.modules() if isinstance(module, torch.nn.Dropout)]
+    seen = []
+    hooks = [module.register_forward_hook(lambda m, i, o: seen.append(m.training)) for module in dropouts]
+    profile_train_step.make_bare_step(backbone, 2, args, torch.device("cpu"))()
+    for hook in hooks:
+        hook.remove()
+    assert seen and not any(seen)
+    assert all(module.training for module in dropouts)
