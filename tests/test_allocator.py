@@ -15,7 +15,8 @@ from peft_any2point.allocator import keep_freed_memory
 GLIBC = platform.libc_ver()[0] == "glibc"
 
 # In a fresh process (the setting cannot be undone): minor page faults of creating and freeing a 64 MiB tensor,
-# above glibc's 32 MiB ceiling past which its default always maps fresh memory, under the default and once kept.
+# above glibc's 32 MiB ceiling past which its default always maps fresh memory, under the default and once kept
+# (four tensors one after the other).
 FAULTS_SCRIPT = """
 import json, resource, torch
 from peft_any2point.allocator import keep_freed_memory
@@ -27,7 +28,7 @@ def faults(nbytes=64 * 2**20):
 
 default = [faults(), faults()]
 took = keep_freed_memory()
-kept = [faults(), faults()]
+kept = [faults() for _ in range(4)]
 print(json.dumps({"default": default, "took": took, "kept": kept, "pages": 64 * 2**20 // resource.getpagesize()}))
 """
 
@@ -46,7 +47,9 @@ def test_kept_memory_is_reused_without_page_faults():
     assert measured["took"] is True
     pages = measured["pages"]
     assert min(measured["default"]) > pages // 2  # the default maps, and faults in, every large tensor afresh
-    assert measured["kept"][1] < pages // 100  # kept: the second tensor reuses the first one's memory
+    # Kept: later tensors reuse freed memory. Where the heap cannot grow in place, glibc extends it elsewhere and
+    # the second tensor may still need new pages (1 run in 8 here); from the third on, memory is reused.
+    assert max(measured["kept"][2:]) < pages // 100
 
 
 def test_other_c_libraries_are_left_alone(monkeypatch):
