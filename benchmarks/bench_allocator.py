@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import get_peft_model
 
-from benchmarks.bench_speed import add_step_arguments, build_backbone, machine_name, make_steps
+from benchmarks.bench_speed import add_step_arguments, cpu_training_model, machine_name, make_steps
 from benchmarks.reporting import write_report
-from peft_any2point import Any2PointConfig
 from peft_any2point.allocator import keep_freed_memory
 
 
@@ -51,14 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_steps(args: argparse.Namespace) -> dict[str, Callable[[], object]]:
     torch.set_num_threads(args.threads)
-    backbone = build_backbone(args.backbone)
-    backbone.set_attn_implementation("eager")  # what training uses on the CPU
-    torch.manual_seed(0)
-    config = Any2PointConfig(num_labels=40, num_tokens=args.num_tokens)
-    model = get_peft_model(backbone, config).train()
-    if args.compile == "yes":
-        model.base_model.any2point["default"].embedder.compile_pooling()
-        model.base_model.compile_blocks()
+    model, backbone, config = cpu_training_model(args, args.compile == "yes", args.compile == "yes")
     steps = make_steps(model, backbone, config, args)
     return {f"{name} {mode}": steps[name, mode, "bf16"] for name, mode in STEPS}
 

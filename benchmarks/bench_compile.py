@@ -16,18 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import get_peft_model
 
 from benchmarks.bench_speed import (
     add_keep_memory_argument,
     add_step_arguments,
-    build_backbone,
+    cpu_training_model,
     machine_name,
     train_step,
 )
 from benchmarks.reporting import write_report
 from benchmarks.timing import interleaved_median
-from peft_any2point import Any2PointConfig
 from peft_any2point.allocator import keep_freed_memory
 
 
@@ -55,14 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_step(variant: str, args: argparse.Namespace) -> Callable[[], object]:
     """bench_speed's bf16 training step of a fresh model, its blocks and adapters compiled in the "compiled" variant."""
-    backbone = build_backbone(args.backbone)
-    backbone.set_attn_implementation("eager")  # what training uses on the CPU
-    torch.manual_seed(0)  # the same adapter weights in both variants
-    model = get_peft_model(backbone, Any2PointConfig(num_labels=40, num_tokens=args.num_tokens)).train()
-    if args.compile_embedder == "yes":
-        model.base_model.any2point["default"].embedder.compile_pooling()
-    if variant == "compiled":
-        model.base_model.compile_blocks()
+    model, _, _ = cpu_training_model(args, args.compile_embedder == "yes", variant == "compiled")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.05)
     generator = torch.Generator().manual_seed(0)
     points = torch.rand(args.batch_size, args.num_points, 3, generator=generator) * 2 - 1

@@ -179,6 +179,23 @@ def build_backbone(name: str) -> BertModel:
     return load_minilm()
 
 
+def cpu_training_model(
+    args: argparse.Namespace, compile_pooling: bool, compile_blocks: bool
+) -> tuple[nn.Module, BertModel, Any2PointConfig]:
+    """A peft model in train mode set up as CPU training sets it up (eager attention, seeded adapter weights), with
+    the embedder's pooling and the blocks compiled or not; `args` gives backbone and num_tokens."""
+    backbone = build_backbone(args.backbone)
+    backbone.set_attn_implementation("eager")  # what training uses on the CPU
+    torch.manual_seed(0)  # the same adapter weights in every model built here
+    config = Any2PointConfig(num_labels=40, num_tokens=args.num_tokens)
+    model = get_peft_model(backbone, config).train()
+    if compile_pooling:
+        model.base_model.any2point["default"].embedder.compile_pooling()
+    if compile_blocks:
+        model.base_model.compile_blocks()
+    return model, backbone, config
+
+
 def parameter_counts(peft_model: nn.Module, backbone: nn.Module) -> dict[str, Any]:
     """Trainable and total parameters, the total without the token-embedding table, and the adapter file size.
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 import peft_any2point  # noqa: F401  (registers the Any2Point method with peft; import before loading)
 from peft_any2point.data import DATASET_NAMES
 from peft_any2point.training import (
-    KEEP_FREED_MEMORY_HELP,
+    add_keep_freed_memory_argument,
     add_outlier_filter_arguments,
     check_num_labels,
     create_accelerator,
@@ -45,9 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--seed", type=int, default=42)
     add_outlier_filter_arguments(parser)
-    parser.add_argument(
-        "--keep_freed_memory", default="auto", choices=("auto", "yes", "no"), help=KEEP_FREED_MEMORY_HELP
-    )
+    add_keep_freed_memory_argument(parser)
     parser.add_argument("--output_file", default=None, help="Default: <adapter_path>/eval_results.json.")
     args = parser.parse_args(argv)
     if args.voting < 1:

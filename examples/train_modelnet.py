@@ -29,12 +29,12 @@ from peft_any2point.hub import push_adapter_to_hub
 from peft_any2point.metrics import plot_confusion_matrix, plot_training_curves
 from peft_any2point.model import PointClassificationHead
 from peft_any2point.training import (
-    KEEP_FREED_MEMORY_HELP,
     METRICS_LOG,
     STOPPED_FILE,
     CollapseGuard,
     RepresentationCollapseError,
     TrainingProgress,
+    add_keep_freed_memory_argument,
     batch_spread,
     bundled_minilm_path,
     create_accelerator,
@@ -154,9 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "is bound by launching kernels (1.7x there, benchmarks/profile_train_step.py), and on the CPU from 1024 points "
         "on (a 10%% faster step after about 30 s of compiling, benchmarks/bench_compile.py).",
     )
-    parser.add_argument(
-        "--keep_freed_memory", default="auto", choices=("auto", "yes", "no"), help=KEEP_FREED_MEMORY_HELP
-    )
+    add_keep_freed_memory_argument(parser)
     parser.add_argument(
         "--attn_implementation",
         default="auto",
