@@ -11,9 +11,10 @@ TORCH_INDEX ?=
 
 # ----- demo recipe: short enough for a 2-core CPU; the script's own defaults are the paper's full recipe -----
 DEMO_OUTPUT ?= outputs/demo
+DEMO_SEED ?= 42
 DEMO_DATA ?= --dataset modelnet40 --num_points 512
 DEMO_TRAIN ?= --max_eval_samples 800 --num_tokens 64 --num_stages 2 --num_neighbors 16 --num_epochs 2 \
-	--warmup_epochs 0.25 --learning_rate 2e-3 --head_dropout 0.1 --batch_size 32 --mixed_precision bf16
+	--warmup_epochs 0.25 --learning_rate 2e-3 --head_dropout 0.1 --batch_size 32 --mixed_precision bf16 --seed $(DEMO_SEED)
 DEMO_EVAL ?= --mixed_precision bf16 --voting 1
 # ------------------------------------------------------------------------------------------------------------------
 
