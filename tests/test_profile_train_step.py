@@ -7,6 +7,8 @@ import json
 import torch
 
 from benchmarks import profile_train_step
+from peft_any2point.embedder import PointEmbedder
+from peft_any2point.model import Any2PointModel
 
 
 def test_profile_reports_each_part_once_per_call_and_writes_its_report(tmp_path):
@@ -45,3 +47,21 @@ def test_bare_step_runs_the_blocks_without_dropout_and_restores_train_mode():
         hook.remove()
     assert seen and not any(seen)
     assert all(module.training for module in dropouts)
+
+
+def test_compile_mode_reaches_every_compiled_region_and_names_the_report(tmp_path, monkeypatch):
+    received = []
+    monkeypatch.setattr(Any2PointModel, "compile_blocks", lambda self, **options: received.append(("blocks", options)))
+    monkeypatch.setattr(
+        PointEmbedder, "compile_pooling", lambda self, **options: received.append(("pooling", options))
+    )
+    argv = ["--backbone", "tiny", "--batch_sizes", "2", "--num_points", "64", "--num_tokens", "16", "--steps", "1"]
+    argv += ["--profile_steps", "1", "--compile", "regions", "--compile_mode", "reduce-overhead"]
+    profile_train_step.main([*argv, "--output_dir", str(tmp_path)])
+    assert received == [("blocks", {"mode": "reduce-overhead"}), ("pooling", {"mode": "reduce-overhead"})]
+    saved = json.loads((tmp_path / "profile_cpu_tiny_compiled_regions_reduce_overhead.json").read_text())
+    assert (saved["compiled"], saved["compile_mode"]) == ("regions", "reduce-overhead")
+    assert (
+        "compiled: regions, mode reduce-overhead"
+        in (tmp_path / "profile_cpu_tiny_compiled_regions_reduce_overhead.md").read_text()
+    )
