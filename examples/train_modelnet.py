@@ -46,6 +46,7 @@ from peft_any2point.training import (
     point_cloud_metrics,
     predict,
     resolve_checkpoint,
+    run_recipe,
     save_adapter,
     save_checkpoint,
     save_trainable_state,
@@ -167,6 +168,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpointing_steps", default=None, help="Save a checkpoint every N optimizer steps, or 'epoch'."
     )
     parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    parser.add_argument(
+        "--allow_recipe_change",
+        action="store_true",
+        help="Resume a checkpoint even though its recorded recipe (every argument that changes what the run "
+        "computes) differs from this one's; without it such a resume is refused.",
+    )
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id", default=None, help="Default: the name of --output_dir.")
     args = parser.parse_args(argv)
@@ -250,15 +257,23 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         (output_dir / STOPPED_FILE).unlink(missing_ok=True)  # from an earlier run that stopped early
     progress, history = TrainingProgress(), []
+    recipe = run_recipe(vars(args), model.peft_config["default"])
     if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-        progress, history = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, augment_generator)
-        accelerator.print(f"Resumed from {checkpoint}: epoch {progress.epoch}, step {progress.step}")
+        resumed = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        progress, history = load_checkpoint(
+            resumed, accelerator, model, optimizer, scheduler, augment_generator, recipe, args.allow_recipe_change
+        )
+        accelerator.print(f"Resumed from {resumed}: epoch {progress.epoch}, step {progress.step}")
 
     save_every = int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdigit() else None
     bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
     collapse_guard = CollapseGuard(args.collapse_threshold, args.collapse_patience)
     metrics, clock = None, time.perf_counter()  # progress.elapsed_s accumulates wall time across resumptions
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            output_dir, accelerator, model, optimizer, scheduler, augment_generator, progress, history, recipe
+        )
 
     def tick() -> None:
         nonlocal clock
@@ -314,9 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
                 if save_every and progress.step % save_every == 0:
                     tick()
-                    save_checkpoint(
-                        output_dir, accelerator, model, optimizer, scheduler, augment_generator, progress, history
-                    )
+                    checkpoint()
         samples_per_second = (
             epoch_batches * args.batch_size * accelerator.num_processes / (time.perf_counter() - epoch_start)
         )
@@ -349,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
             write_metrics_log(output_dir / METRICS_LOG, history)
         progress = TrainingProgress(epoch=epoch + 1, step=progress.step, elapsed_s=progress.elapsed_s)
         if args.checkpointing_steps == "epoch":
-            save_checkpoint(output_dir, accelerator, model, optimizer, scheduler, augment_generator, progress, history)
+            checkpoint()
     bar.close()
     if metrics is None:  # resumed from a checkpoint taken after the last epoch
         metrics = point_cloud_metrics(*predict(model, test_loader, accelerator), data.class_names)

@@ -58,6 +58,25 @@ TRAINABLE_FILE = "trainable_state.safetensors"
 TRAINING_STATE_FILE = "training_state.pt"
 METRICS_LOG = "metrics.jsonl"
 STOPPED_FILE = "stopped.json"  # why a run ended before its last epoch, for sweeps that go on to the next run
+# Training-script arguments that may differ when a run resumes: where files are and how fast a step runs, not what
+# the run computes. Every other argument is part of the recipe a checkpoint records.
+RESUMABLE_ARGUMENTS = frozenset(
+    {
+        "model_name_or_path",  # the same backbone may sit elsewhere on another machine; its shape is recorded
+        "data_dir",
+        "output_dir",
+        "checkpointing_steps",
+        "resume_from_checkpoint",
+        "allow_recipe_change",
+        "push_to_hub",
+        "hub_model_id",
+        "compile_embedder",
+        "compile_blocks",
+        "attn_implementation",
+        "dataloader_num_workers",
+        "keep_freed_memory",
+    }
+)
 
 
 def bundled_minilm_path() -> str | None:
@@ -394,6 +413,41 @@ def restore_rng_state(state: Mapping[str, Any], augment_generator: torch.Generat
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def run_recipe(arguments: Mapping[str, Any], peft_config: PeftConfig) -> dict[str, Any]:
+    """What a run computes, for its checkpoints: the script's arguments less `RESUMABLE_ARGUMENTS`, and the shape of
+    the backbone the adapter was attached to (`backbone_*` fields of the config), whose path may differ."""
+    recipe = {name: value for name, value in arguments.items() if name not in RESUMABLE_ARGUMENTS}
+    recipe["backbone"] = {
+        name: getattr(peft_config, name)
+        for name in ("backbone_architecture", "backbone_hidden_size", "backbone_num_layers")
+    }
+    return recipe
+
+
+def check_same_recipe(
+    checkpoint: Path, saved: Mapping[str, Any], current: Mapping[str, Any], allow_changes: bool
+) -> None:
+    """Refuse to resume a checkpoint under a different recipe, naming what differs; with `allow_changes`, warn."""
+    changes = [
+        f"{name}: {saved.get(name)!r} in the checkpoint, {current.get(name)!r} now"
+        for name in sorted(saved.keys() | current.keys())
+        if saved.get(name) != current.get(name)
+    ]
+    if not changes:
+        return
+    listed = "; ".join(changes)
+    if not allow_changes:
+        raise ValueError(
+            f"{checkpoint} was written by a run with another recipe ({listed}). Resume with the same settings, start "
+            "a new --output_dir, or pass --allow_recipe_change to go on with the new ones."
+        )
+    warnings.warn(
+        f"Resuming {checkpoint} with a changed recipe ({listed}); the optimizer and the learning-rate schedule "
+        "continue from their saved state, so a new --learning_rate does not apply.",
+        stacklevel=2,
+    )
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     accelerator: Accelerator,
@@ -403,8 +457,10 @@ def save_checkpoint(
     augment_generator: torch.Generator,
     progress: TrainingProgress,
     history: Sequence[Mapping[str, Any]],
+    recipe: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write `checkpoint-<step>/` (trainable state, optimizer, scheduler, progress, metric history, per-process RNG).
+    """Write `checkpoint-<step>/` (trainable state, optimizer, scheduler, progress, metric history, the run's recipe,
+    per-process RNG).
 
     Files are written atomically into a hidden `.checkpoint-<step>.partial/` that is renamed into place last, so a
     run killed while saving leaves no folder that `find_latest_checkpoint` would take for a complete one.
@@ -423,6 +479,7 @@ def save_checkpoint(
             "progress": vars(progress).copy(),
             "history": list(history),
             "num_processes": accelerator.num_processes,
+            "recipe": None if recipe is None else dict(recipe),
         }
         with atomic_path(partial / TRAINING_STATE_FILE) as tmp:
             torch.save(training_state, tmp)
@@ -443,8 +500,14 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     augment_generator: torch.Generator,
+    recipe: Mapping[str, Any] | None = None,
+    allow_recipe_change: bool = False,
 ) -> tuple[TrainingProgress, list[dict[str, Any]]]:
-    """Restore everything `save_checkpoint` wrote; return the progress and the metric history up to it."""
+    """Restore everything `save_checkpoint` wrote; return the progress and the metric history up to it.
+
+    With `recipe`, a checkpoint that recorded another one is refused (`check_same_recipe`): resuming a run under a
+    changed learning rate, schedule, batch size or backbone would quietly mix two experiments.
+    """
     checkpoint = Path(checkpoint)
     missing = [name for name in (TRAINABLE_FILE, TRAINING_STATE_FILE) if not (checkpoint / name).is_file()]
     if missing:
@@ -457,6 +520,8 @@ def load_checkpoint(
             f"{checkpoint} was written by {training_state['num_processes']} processes; resuming it with "
             f"{accelerator.num_processes} would change the data order. Resume with the same number of processes."
         )
+    if recipe is not None and training_state.get("recipe") is not None:
+        check_same_recipe(checkpoint, training_state["recipe"], recipe, allow_recipe_change)
     load_trainable_state(accelerator.unwrap_model(model), checkpoint / TRAINABLE_FILE)
     optimizer.load_state_dict(training_state["optimizer"])
     scheduler.load_state_dict(training_state["scheduler"])

@@ -138,6 +138,20 @@ def test_resuming_mid_epoch_ends_like_the_uninterrupted_run(trained_run, backbon
     assert final == json.loads((output_dir / "results.json").read_text())["test_metrics"]
 
 
+def test_resuming_with_another_learning_rate_is_refused_and_names_the_change(trained_run, backbone_dir, tmp_path):
+    output_dir, _ = trained_run
+    shutil.copytree(output_dir / "checkpoint-6", tmp_path / "checkpoint-6")
+    recipe = [arg if arg != "2e-3" else "1e-3" for arg in RECIPE_ARGS]
+    result = run_script(
+        TRAIN, "--model_name_or_path", backbone_dir, *DATA_ARGS, *MODEL_ARGS, *recipe,
+        "--output_dir", tmp_path, "--resume_from_checkpoint", "latest", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "another recipe (learning_rate: 0.002 in the checkpoint, 0.001 now)" in result.stderr
+    assert "--allow_recipe_change" in result.stderr
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
 def test_accelerate_launch_trains_exactly_like_plain_python(trained_run, backbone_dir, tmp_path):
     """`accelerate launch` (one CPU process) is the documented entry point: same seed, same adapter, bit for bit."""
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from unittest import mock
 
 import datasets
@@ -25,6 +26,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from peft_any2point.data import make_synthetic_dataset
 from peft_any2point.training import (
+    RESUMABLE_ARGUMENTS,
     CollapseGuard,
     EpochShuffleSampler,
     PointCloudData,
@@ -41,6 +43,7 @@ from peft_any2point.training import (
     resolve_checkpoint,
     restore_rng_state,
     rng_state,
+    run_recipe,
     save_adapter,
     save_checkpoint,
     write_metrics_log,
@@ -238,6 +241,53 @@ def test_loading_an_incomplete_or_mismatched_checkpoint_is_refused(accelerator, 
     torch.save({**state, "num_processes": 2}, path / "training_state.pt")
     with pytest.raises(ValueError, match="written by 2 processes; resuming it with 1 would change the data order"):
         load_checkpoint(path, accelerator, model, optimizer, scheduler, generator)
+
+
+def test_a_checkpoint_records_what_the_run_computes_and_not_where_it_ran(accelerator):
+    model, _, _ = _training_setup(accelerator)
+    arguments = {
+        "learning_rate": 1e-3,
+        "num_epochs": 15,
+        "stage_widths": [16, 24],
+        **dict.fromkeys(RESUMABLE_ARGUMENTS),
+    }
+    recipe = run_recipe(arguments, model.peft_config["default"])
+    assert recipe == {
+        "learning_rate": 1e-3,
+        "num_epochs": 15,
+        "stage_widths": [16, 24],
+        "backbone": {"backbone_architecture": "BertModel", "backbone_hidden_size": TINY["hidden_size"],
+                     "backbone_num_layers": TINY["num_hidden_layers"]},
+    }  # fmt: skip
+
+
+def test_resuming_under_another_recipe_is_refused_unless_allowed(accelerator, tmp_path):
+    model, optimizer, scheduler = _training_setup(accelerator)
+    generator = torch.Generator()
+    recipe = {"learning_rate": 1e-3, "num_epochs": 15, "backbone": {"backbone_hidden_size": 32}}
+    path = save_checkpoint(
+        tmp_path, accelerator, model, optimizer, scheduler, generator, TrainingProgress(step=1), [], recipe
+    )
+    restored, _ = load_checkpoint(path, accelerator, model, optimizer, scheduler, generator, dict(recipe))
+    assert restored.step == 1
+
+    changed = {**recipe, "learning_rate": 2e-3, "backbone": {"backbone_hidden_size": 64}, "seed": 43}
+    message = (
+        "checkpoint-1 was written by a run with another recipe (backbone: {'backbone_hidden_size': 32} in the "
+        "checkpoint, {'backbone_hidden_size': 64} now; learning_rate: 0.001 in the checkpoint, 0.002 now; seed: None "
+        "in the checkpoint, 43 now). Resume with the same settings"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_checkpoint(path, accelerator, model, optimizer, scheduler, generator, changed)
+    with pytest.warns(UserWarning, match=r"changed recipe \(backbone: .*a new --learning_rate does not apply"):
+        restored, _ = load_checkpoint(path, accelerator, model, optimizer, scheduler, generator, changed, True)
+    assert restored.step == 1
+
+    # A checkpoint written without a recipe (before recipes were recorded) still resumes.
+    unrecorded = save_checkpoint(
+        tmp_path, accelerator, model, optimizer, scheduler, generator, TrainingProgress(step=2), []
+    )
+    assert load_checkpoint(unrecorded, accelerator, model, optimizer, scheduler, generator, changed)[0].step == 2
 
 
 # ----- evaluation ------------------------------------------------------------------------------------------------
