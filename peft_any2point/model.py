@@ -48,6 +48,7 @@ class PointCloudClassifierOutput(ModelOutput):
     hidden_states: Tensor | None = None
 
 
+@torch.compiler.disable  # its checks need concrete values: eager under torch.compile too
 def validate_points(points: object, min_points: int) -> Tensor:
     """Refuse input the embedder cannot use, with a message that says what is wrong."""
     if not isinstance(points, Tensor):

@@ -82,6 +82,9 @@ def _fps_torch(points: Tensor, num_samples: int, start: Tensor) -> Tensor:
     return torch.cat(selected, dim=1)  # (B, num_samples)
 
 
+# Under torch.compile of a whole model these run eagerly between graphs: traced, FPS's loop over samples would unroll
+# into the graph, and torch_cluster's and fpsample's kernels cannot be traced at all.
+@torch.compiler.disable
 def farthest_point_sampling(
     points: Tensor, num_samples: int, start_index: Tensor | None = None, backend: str | None = None
 ) -> Tensor:
@@ -244,6 +247,7 @@ def _knn_pruned(queries: Tensor, points: Tensor, k: int) -> Tensor:
     return result[:, :num_queries]
 
 
+@torch.compiler.disable  # see farthest_point_sampling
 def knn_indices(queries: Tensor, points: Tensor, k: int, backend: str | None = None) -> Tensor:
     """Indices of the `k` points nearest to each query, nearest first.
 

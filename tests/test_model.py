@@ -158,6 +158,27 @@ def test_compiled_blocks_match_eager_and_save_the_same_adapter(points, tmp_path)
         assert torch.equal(reloaded(points=points).logits, eager(points=points).logits)
 
 
+def test_torch_compile_of_the_whole_model_leaves_the_geometry_search_and_input_check_eager(points):
+    """`torch.compile(peft_model)`, the usual habit: FPS's per-point loop, the kNN search and the finite-input check
+    run between compiled graphs. Traced, the FPS loop unrolls into the graph and torch_cluster's kernels fail."""
+    model = attach().eval()
+    graphs = []
+
+    def record(graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(model, backend=record, dynamic=False)
+    labels = torch.tensor([0, 1, 2])
+    assert torch.equal(compiled(points=points, labels=labels).loss, model(points=points, labels=labels).loss)
+    traced = [str(node.target) for graph in graphs for node in graph.graph.nodes if node.op.startswith("call_")]
+    assert "linear" in " ".join(traced)  # the rest of the model was compiled
+    assert not [target for target in traced if "topk" in target]  # kNN
+    assert sum("argmax" in target for target in traced) == 2  # LocalGeometry's two group ids; FPS adds one per sample
+    with pytest.raises(ValueError, match="points contain NaN or infinite values in sample"):
+        compiled(points=torch.full_like(points, float("nan")))
+
+
 def test_unsupported_model_names_what_is_missing():
     resnet = transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1]))
     with pytest.raises(ValueError, match="ResNetModel is not supported by Any2Point: its config names no hidden size"):
