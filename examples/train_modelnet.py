@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     backbone = load_backbone(args.model_name_or_path, accelerator.device, args.attn_implementation)
     model = get_peft_model(backbone, config)
+    recipe = run_recipe(vars(args), model.peft_config["default"])  # what its checkpoints record and resume under
     cpu_from_1024_points = accelerator.device.type == "cpu" and args.num_points >= 1024
     if args.compile_embedder == "yes" or (args.compile_embedder == "auto" and cpu_from_1024_points):
         model.base_model.any2point["default"].embedder.compile_pooling()
@@ -257,7 +258,6 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         (output_dir / STOPPED_FILE).unlink(missing_ok=True)  # from an earlier run that stopped early
     progress, history = TrainingProgress(), []
-    recipe = run_recipe(vars(args), model.peft_config["default"])
     if args.resume_from_checkpoint:
         resumed = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
         progress, history = load_checkpoint(
