@@ -8,6 +8,7 @@ voting, trainable parameters, adapter bytes and the command that reproduces it.
         --command "make demo" [--eval_results outputs/demo/eval_results.json] [--note "..."]
     python -m benchmarks.accuracy add --metrics_log run/metrics.jsonl ...   # a run stopped before its last epoch
     python -m benchmarks.accuracy report
+    python -m benchmarks.accuracy curves --log "MiniLM=run/metrics.jsonl" --log "Whisper=..." [--output PNG]
 
 `add` reads what `examples/train_modelnet.py` writes (`results.json`, or only `metrics.jsonl` for a run that was
 stopped and is to be resumed) and, with `--eval_results`, what `examples/evaluate_modelnet.py` writes (a voting
@@ -19,16 +20,21 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from peft_any2point.io import atomic_write_text
+from peft_any2point.metrics import save_png
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECORDS_FILE = "accuracy.json"
 REPORT_FILE = "accuracy.md"
+CURVES_FILE = "accuracy_curves.png"
 KEY_FIELDS = ("backbone", "dataset", "device", "command", "voting")
 
 # DESIGN.md §6: overall accuracy (%), ScanObjectNN PB_T50_RS and ModelNet40 (1k points), as published.
@@ -139,6 +145,50 @@ def to_markdown(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def learning_curves(logs: Mapping[str, Path]) -> dict[str, dict[str, list[float]]]:
+    """Per labelled training log (`metrics.jsonl`): epochs and test overall / mean-class accuracy in %."""
+    curves = {}
+    for label, log in logs.items():
+        records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+        curves[label] = {
+            "epoch": [record["epoch"] for record in records],
+            "overall_accuracy": [100 * record["test_accuracy"] for record in records],
+            "mean_class_accuracy": [100 * record["test_mean_class_accuracy"] for record in records],
+        }
+    return curves
+
+
+def plot_learning_curves(curves: Mapping[str, Mapping[str, list[float]]], path: Path) -> Path:
+    """Test accuracy after every epoch of each run, next to the published Any2Point ModelNet40 numbers (300 epochs,
+    best test epoch), so that how far a shortened schedule gets is seen at a glance."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    titles = {"overall_accuracy": "overall accuracy", "mean_class_accuracy": "mean-class accuracy"}
+    for ax, (metric, title) in zip(fig.subplots(1, 2), titles.items(), strict=True):
+        for label, curve in curves.items():
+            ax.plot(curve["epoch"], curve[metric], marker="o", markersize=3, label=label)
+        ax.set(xlabel="epoch", ylabel="%", title=f"ModelNet40 test {title}")
+        ax.grid(alpha=0.3)
+    overall = fig.axes[0]
+    published = [(source, modelnet40) for method, source, _, _, modelnet40 in PUBLISHED if method == "Any2Point"]
+    for _, modelnet40 in published:
+        overall.axhline(modelnet40, linestyle=":", color="grey", linewidth=1)
+    label = "published Any2Point, 300 epochs:\n" + ", ".join(f"{value} {source}" for source, value in published)
+    lowest = min(value for _, value in published)
+    overall.annotate(
+        label, (0.01, lowest - 0.5), xycoords=("axes fraction", "data"), fontsize=7, color="grey", va="top"
+    )
+    overall.legend(loc="lower right")
+    return save_png(fig, path)
+
+
+def parse_log_argument(value: str) -> tuple[str, Path]:
+    label, separator, path = value.partition("=")
+    if not separator or not label or not path:
+        raise argparse.ArgumentTypeError(f"expected LABEL=PATH/metrics.jsonl, got {value!r}")
+    return label, Path(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shared = argparse.ArgumentParser(add_help=False)
@@ -156,7 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     add.add_argument("--scheduled_epochs", type=int, default=None, help="with --metrics_log: the schedule's length")
     add.add_argument("--trainable_params", type=int, default=None, help="with --metrics_log")
     commands.add_parser("report", parents=[shared], help="rewrite accuracy.md from accuracy.json")
+    curves = commands.add_parser("curves", parents=[shared], help="plot test accuracy per epoch of training logs")
+    curves.add_argument("--log", type=parse_log_argument, action="append", required=True, help="LABEL=metrics.jsonl")
+    curves.add_argument("--output", type=Path, default=None, help=f"default: RESULTS_DIR/{CURVES_FILE}")
     args = parser.parse_args(argv)
+    if args.action == "curves":
+        print(plot_learning_curves(learning_curves(dict(args.log)), args.output or args.results_dir / CURVES_FILE))
+        return
 
     path = args.results_dir / RECORDS_FILE
     records = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import accuracy
 
 
@@ -68,3 +70,28 @@ def test_a_stopped_run_is_recorded_from_its_metrics_log(tmp_path):
     (record,) = json.loads((tmp_path / "accuracy.json").read_text())
     assert record["epochs"] == 2 and record["scheduled_epochs"] == 300
     assert record["overall_accuracy"] == 0.2 and record["test_samples"] == 2468
+
+
+def test_learning_curves_read_every_epoch_of_each_log_and_plot_them(tmp_path):
+    logs = {}
+    for label, accuracies in (("MiniLM", [0.31, 0.48, 0.64]), ("Whisper", [0.25, 0.44])):
+        records = [
+            {"epoch": epoch, "test_accuracy": value, "test_mean_class_accuracy": value / 2, "train_loss": 1.0}
+            for epoch, value in enumerate(accuracies, start=1)
+        ]
+        logs[label] = tmp_path / f"{label}.jsonl"
+        logs[label].write_text("".join(json.dumps(record) + "\n" for record in records))
+    curves = accuracy.learning_curves(logs)
+    assert curves["MiniLM"]["epoch"] == [1, 2, 3]
+    assert curves["MiniLM"]["overall_accuracy"] == [31.0, 48.0, 64.0]
+    assert curves["Whisper"]["mean_class_accuracy"] == [12.5, 22.0]
+
+    argv = ["curves", "--results_dir", str(tmp_path), *(f"--log={label}={path}" for label, path in logs.items())]
+    accuracy.main(argv)
+    assert (tmp_path / "accuracy_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_log_argument_without_a_label_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        accuracy.main(["curves", "--log", "run/metrics.jsonl"])
+    assert "expected LABEL=PATH/metrics.jsonl, got 'run/metrics.jsonl'" in capsys.readouterr().err
