@@ -75,6 +75,8 @@ RESUMABLE_ARGUMENTS = frozenset(
         "attn_implementation",
         "dataloader_num_workers",
         "keep_freed_memory",
+        "collapse_threshold",  # when to give up on a collapsed run, not what a step computes
+        "collapse_patience",
     }
 )
 
