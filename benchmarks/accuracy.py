@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from peft_any2point.io import atomic_write_text
 from peft_any2point.metrics import save_png
+from peft_any2point.training import read_metrics_log
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,7 +82,7 @@ def record_from_run(
             "voting": False,
         }
     else:
-        last = json.loads(metrics_log.read_text(encoding="utf-8").strip().splitlines()[-1])
+        last = read_metrics_log(metrics_log)[-1]
         record = {
             "dataset": "modelnet40",
             "epochs": last["epoch"],
@@ -149,7 +150,7 @@ def learning_curves(logs: Mapping[str, Path]) -> dict[str, dict[str, list[float]
     """Per labelled training log (`metrics.jsonl`): epochs and test overall / mean-class accuracy in %."""
     curves = {}
     for label, log in logs.items():
-        records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = read_metrics_log(log)
         curves[label] = {
             "epoch": [record["epoch"] for record in records],
             "overall_accuracy": [100 * record["test_accuracy"] for record in records],

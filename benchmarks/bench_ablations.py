@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from benchmarks.reporting import run_stamp, write_results
 from peft_any2point.metrics import save_png
-from peft_any2point.training import METRICS_LOG, STOPPED_FILE
+from peft_any2point.training import METRICS_LOG, STOPPED_FILE, read_metrics_log
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         return {**row, "stopped": json.loads((output_dir / STOPPED_FILE).read_text(encoding="utf-8"))}
     run.check_returncode()
     results = json.loads((output_dir / "results.json").read_text(encoding="utf-8"))
-    history = [json.loads(line) for line in (output_dir / METRICS_LOG).read_text(encoding="utf-8").splitlines()]
+    history = read_metrics_log(output_dir / METRICS_LOG)
     final = results["final_epoch"]
     return {
         **row,

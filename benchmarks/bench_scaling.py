@@ -5,8 +5,8 @@ allocator's peak on a GPU) is its own: the default Any2PointConfig (128 tokens f
 embedder's pooling compiled and freed memory kept as training does on a CPU, a warm-up step and then `--steps` timed
 training steps on random clouds. The configurations take turns, `--rounds` times, and each row reports the median
 round with the range: a shared VM's speed drifts over minutes, and a single pass would credit that drift to whichever
-configuration ran during it. `--knn_backend torch` hides torch-cluster from the children, to time the pure-torch geometry that
-an installation without it runs; each row records the FPS and kNN backends of every embedder stage.
+configuration ran during it. `--knn_backend torch` hides torch-cluster from the children, to time the pure-torch
+geometry that an installation without it runs; each row records the FPS and kNN backends of every embedder stage.
 
     python -m benchmarks.bench_scaling                            # MiniLM; N = 1k..8k at B=8, B = 8..32 at N=1k
     python -m benchmarks.bench_scaling --backbone tiny --points 64 128 --batch_sizes 2 4 --batch_size 2

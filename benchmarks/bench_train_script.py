@@ -10,7 +10,6 @@ epoch is left out of the medians, since it includes compiling. `python -m benchm
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from benchmarks.bench_speed import machine_name
 from benchmarks.reporting import run_stamp, write_report
+from peft_any2point.training import METRICS_LOG, read_metrics_log
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def run_training(flags: list[str], output_dir: Path) -> list[dict[str, Any]]:
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{shlex.join(command)} failed:\n{result.stderr[-4000:]}")
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics_log(output_dir / METRICS_LOG)
 
 
 def summarise(setting: str, runs: list[list[dict[str, Any]]]) -> dict[str, Any]:

@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile",
         choices=COMPILE,
         default="none",
-        help="blocks: compile_blocks(); regions: that and the embedder's pooling (compile_pooling); model: torch.compile(model, dynamic=False)",
+        help="blocks: compile_blocks(); regions: that and the embedder's pooling (compile_pooling); "
+        "model: torch.compile(model, dynamic=False)",
     )
     parser.add_argument(
         "--compile_mode",

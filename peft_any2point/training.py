@@ -677,5 +677,10 @@ def write_metrics_log(path: str | os.PathLike, history: Sequence[Mapping[str, An
     atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in history))
 
 
+def read_metrics_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The per-epoch records `write_metrics_log` wrote, oldest first."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
