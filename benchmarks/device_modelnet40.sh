@@ -25,17 +25,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS
 python3 -c "import torch, pyarrow, transformers, peft; print('torch', torch.__version__, 'pyarrow', pyarrow.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())"
 
-export BACKBONE=${BACKBONE:-.carry/minilm}
-mkdir -p /tmp/backbone "$OUT"
-python3 - <<'EOF'
-import os
-import shutil
-from safetensors.torch import load_file, save_file
-source = os.environ["BACKBONE"]
-weights = load_file(f"{source}/model_fp16.safetensors")
-save_file({name: tensor.float() for name, tensor in weights.items()}, "/tmp/backbone/model.safetensors")
-shutil.copy(f"{source}/config.json", "/tmp/backbone/config.json")
-EOF
+BACKBONE=${BACKBONE:-.carry/minilm}
+mkdir -p "$OUT"
+python3 -m benchmarks.real_backbones --widen "$BACKBONE" /tmp/backbone
 
 resume=()
 if [ -d .carry/run ]; then

@@ -13,7 +13,8 @@ safetensors under `$ANY2POINT_CACHE` or `~/.cache/peft_any2point` (never in the 
 
 Run `python -m benchmarks.real_backbones` for a table and `benchmarks/results/real_backbones.json`, or
 `python -m benchmarks.real_backbones --export whisper-base .carry/whisper` for a backbone folder small enough to
-carry to a lent GPU machine (`device_modelnet40.sh`).
+carry to a lent GPU machine (`device_modelnet40.sh`); `--widen .carry/whisper DIR` turns such a folder into one that
+`--model_name_or_path DIR` loads, as the device script does.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel, BertModel, Dinov2Config, Dinov2Model, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -510,11 +511,34 @@ def export_for_device(model: torch.nn.Module, directory: Path) -> dict[str, int]
     return {"kept": len(kept), "left_out": len(state) - len(kept)}
 
 
+def widen_export(source: Path, target: Path) -> int:
+    """Turn an `export_for_device` folder into a loadable backbone folder: float32 `model.safetensors` + config.
+
+    Widening float16 to float32 is exact, so a run on the widened folder sees the exported weights bit for bit;
+    the left-out word-embedding table is re-initialised by `from_pretrained` and never read by point inputs.
+    Returns the number of tensors written.
+    """
+    weights = load_file(str(source / "model_fp16.safetensors"))
+    target.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target / "model.safetensors") as tmp:
+        save_file({name: t.float() for name, t in weights.items()}, str(tmp))
+    atomic_write_text(target / "config.json", (source / "config.json").read_text())
+    return len(weights)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the table and write `benchmarks/results/real_backbones.json`, or export one backbone (`--export`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--export", nargs=2, metavar=("NAME", "DIR"), help=f"one of {', '.join(LOADERS)}")
+    actions = parser.add_mutually_exclusive_group()
+    actions.add_argument("--export", nargs=2, metavar=("NAME", "DIR"), help=f"one of {', '.join(LOADERS)}")
+    actions.add_argument("--widen", nargs=2, metavar=("EXPORTED", "DIR"), help="an --export folder -> float32 folder")
     args = parser.parse_args(argv)
+    if args.widen:
+        source, target = map(Path, args.widen)
+        if not (source / "model_fp16.safetensors").is_file():
+            parser.error(f"--widen: {source} has no model_fp16.safetensors; make it with --export NAME {source}")
+        print(f"wrote {target}: {widen_export(source, target)} tensors in float32")
+        return
     if args.export:
         name, directory = args.export
         if name not in LOADERS:

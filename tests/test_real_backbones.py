@@ -6,12 +6,11 @@ in a per-session temporary directory so that the tests never touch the user's ca
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from benchmarks import real_backbones as rb
 from peft_any2point.training import load_backbone
@@ -113,16 +112,23 @@ def test_device_export_loads_back_as_the_same_class_with_float16_rounded_weights
     assert exported.keys() == kept.keys() and all(t.dtype == torch.float16 for t in exported.values())
 
     # What device_modelnet40.sh does on the device: widen to float32 next to the config, then load the backbone.
-    backbone_dir = tmp_path / "backbone"
-    backbone_dir.mkdir()
-    save_file({name: t.float() for name, t in exported.items()}, backbone_dir / "model.safetensors")
-    shutil.copy(tmp_path / "carry" / "config.json", backbone_dir / "config.json")
-    backbone = load_backbone(str(backbone_dir), torch.device("cpu"))
+    rb.main(["--widen", str(tmp_path / "carry"), str(tmp_path / "backbone")])
+    widened = load_file(tmp_path / "backbone" / "model.safetensors")
+    assert widened.keys() == kept.keys() and all(t.dtype == torch.float32 for t in widened.values())
+    backbone = load_backbone(str(tmp_path / "backbone"), torch.device("cpu"))
 
     assert type(backbone) is type(model)
     loaded = backbone.state_dict()
     for name, tensor in kept.items():
         torch.testing.assert_close(loaded[name], tensor.half().float(), rtol=0, atol=0, msg=name)
+
+
+def test_widening_a_folder_that_is_not_an_export_names_the_missing_file(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        rb.main(["--widen", str(tmp_path), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"--widen: {tmp_path} has no model_fp16.safetensors; make it with --export NAME {tmp_path}" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_exporting_an_unknown_backbone_names_the_choices(tmp_path, capsys) -> None:
