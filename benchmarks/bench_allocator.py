@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_speed import add_step_arguments, cpu_training_model, machine_name, make_steps
-from benchmarks.reporting import write_report
+from benchmarks.bench_speed import add_step_arguments, cpu_training_model, make_steps
+from benchmarks.reporting import cpu_name, write_report
 from peft_any2point.allocator import keep_freed_memory
 
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
         )
     result = {
-        "machine": machine_name(),
+        "machine": cpu_name(),
         "threads": args.threads,
         "torch": torch.__version__,
         "backbone": args.backbone,

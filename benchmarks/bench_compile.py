@@ -21,10 +21,9 @@ from benchmarks.bench_speed import (
     add_keep_memory_argument,
     add_step_arguments,
     cpu_training_model,
-    machine_name,
     train_step,
 )
-from benchmarks.reporting import write_report
+from benchmarks.reporting import cpu_name, write_report
 from benchmarks.timing import interleaved_median
 from peft_any2point.allocator import keep_freed_memory
 
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         first[variant] = time.perf_counter() - start
     times = interleaved_median(steps, args.min_run_time, args.rounds, args.threads)
     result = {
-        "machine": machine_name(),
+        "machine": cpu_name(),
         "threads": args.threads,
         "backbone": args.backbone,
         "batch_size": args.batch_size,

@@ -25,7 +25,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import tempfile
 import time
 from collections import defaultdict
@@ -42,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from transformers import BertConfig, BertModel
 
 import peft_any2point.embedder
+from benchmarks.reporting import cpu_name
 from benchmarks.timing import interleaved_median
 from peft_any2point import Any2PointConfig
 from peft_any2point.adapter import LocalGeometry
@@ -421,14 +421,6 @@ def breakdown(peft_model: nn.Module, step: Callable[[], Phases], steps: int) -> 
 # ------------------------------------------------------------------------------------------------ report
 
 
-def machine_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def geometry_backends(
     embedder: peft_any2point.embedder.PointEmbedder, num_points: int, device: str = "cpu"
 ) -> list[str]:
@@ -505,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     kept = args.keep_freed_memory == "yes" and keep_freed_memory()
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_name(),
+        "machine": cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

@@ -21,7 +21,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from benchmarks.bench_speed import machine_name
 from benchmarks.reporting import run_stamp, write_report
 from peft_any2point.training import METRICS_LOG, read_metrics_log
 
@@ -106,7 +105,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs[setting].append(run_training([*common, *shlex.split(setting)], output_dir))
     result = {
         **run_stamp(),
-        "machine": machine_name(),
         "common": shlex.join(common),
         "rounds": args.rounds,
         "rows": [summarise(setting, setting_runs) for setting, setting_runs in runs.items()],
