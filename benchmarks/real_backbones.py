@@ -527,7 +527,7 @@ def widen_export(source: Path, target: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the table and write `benchmarks/results/real_backbones.json`, or export one backbone (`--export`)."""
+    """Print the table and write `benchmarks/results/real_backbones.json`, or export (`--export`) or widen one."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     actions = parser.add_mutually_exclusive_group()
     actions.add_argument("--export", nargs=2, metavar=("NAME", "DIR"), help=f"one of {', '.join(LOADERS)}")
