@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import time
 import zlib
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import peft_any2point  # noqa: F401  (registers the Any2Point method with peft; import before loading)
-from benchmarks.reporting import cpu_name
+from benchmarks.reporting import cpu_machine
 from peft_any2point.data import DATASET_NAMES
 from peft_any2point.io import atomic_write_text
 from peft_any2point.metrics import compute_point_cloud_accuracy, save_png
@@ -183,7 +182,7 @@ def outlier_filter(model: torch.nn.Module) -> dict[str, float] | None:
 
 def machine_name(accelerator: Accelerator) -> str:
     device = accelerator.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()} ({os.cpu_count()} cores)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_machine()
     return f"{name}, {accelerator.num_processes} process(es), {torch.get_num_threads()} torch threads"
 
 

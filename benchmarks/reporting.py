@@ -23,10 +23,8 @@ def describe_cpu(cpuinfo: str) -> str | None:
     The project's 2-core machines all call themselves "AMD EPYC" or "Intel Xeon" but come from different
     generations, whose bf16 matmul peaks differ 5-fold; family, model and flags tell them apart.
     """
-    first = dict(
-        (key.strip(), value.strip())
-        for key, _, value in (line.partition(":") for line in cpuinfo.split("\n\n")[0].splitlines())
-    )
+    lines = cpuinfo.split("\n\n")[0].splitlines()
+    first = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
     if "model name" not in first:
         return None
     flags = set(first.get("flags", "").split())
@@ -43,10 +41,15 @@ def cpu_name() -> str:
     return described or platform.processor() or platform.machine()
 
 
+def cpu_machine() -> str:
+    """`cpu_name()` with the number of cores, as the tables' headers name a CPU machine."""
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
+
+
 def run_stamp() -> dict[str, str]:
     """The machine and the UTC time of a run, for the header of its table."""
     return {
-        "machine": f"{cpu_name()} ({os.cpu_count()} cores)",
+        "machine": cpu_machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
