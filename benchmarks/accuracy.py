@@ -13,13 +13,17 @@ voting, trainable parameters, adapter bytes and the command that reproduces it.
 `add` reads what `examples/train_modelnet.py` writes (`results.json`, or only `metrics.jsonl` for a run that was
 stopped and is to be resumed) and, with `--eval_results`, what `examples/evaluate_modelnet.py` writes (a voting
 record when it used more than one vote). A record with the same backbone, dataset, device, command and voting
-replaces the older one.
+replaces the older one. A record made from a finished run also keeps its seed and its recipe (the arguments that
+change what the run computes, seed and paths left out), and the report puts the records that differ only by seed
+side by side with their mean and standard deviation: one seed of a short schedule moves accuracy by about a point,
+as much as many of the differences people read into single runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,7 @@ from matplotlib.figure import Figure
 
 from peft_any2point.io import atomic_write_text
 from peft_any2point.metrics import save_png
-from peft_any2point.training import read_metrics_log
+from peft_any2point.training import RESUMABLE_ARGUMENTS, read_metrics_log
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,6 +84,8 @@ def record_from_run(
             "train_samples": results["data"]["num_train"],
             "wall_time_s": final["wall_time_s"],
             "voting": False,
+            "seed": recipe["seed"],
+            "recipe": comparable_recipe(recipe),
         }
     else:
         last = read_metrics_log(metrics_log)[-1]
@@ -106,6 +112,12 @@ def record_from_run(
     return {"backbone": backbone, **record, "device": device, "command": command, "note": note}
 
 
+def comparable_recipe(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The training script's arguments that two runs must share for their seeds to be compared: every argument that
+    changes what a run computes (`RESUMABLE_ARGUMENTS` left out: paths, compilation, checkpointing), less the seed."""
+    return {name: value for name, value in arguments.items() if name not in RESUMABLE_ARGUMENTS | {"seed"}}
+
+
 def merge(records: list[dict[str, Any]], new: dict[str, Any]) -> list[dict[str, Any]]:
     """`records` with `new` replacing any record of the same key."""
     key = tuple(new[field] for field in KEY_FIELDS)
@@ -114,6 +126,61 @@ def merge(records: list[dict[str, Any]], new: dict[str, Any]) -> list[dict[str, 
 
 def percent(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f}"
+
+
+def seed_groups(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records of the same backbone, dataset, recipe and voting that ran with two or more seeds, in the order each
+    group first appears: every run's accuracy by seed, and their mean and sample standard deviation. Records without
+    a recorded recipe (a run stopped part-way) are left out."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for record in records:
+        if "recipe" in record:
+            key = (record["backbone"], record["dataset"], record.get("votes") if record["voting"] else None)
+            groups.setdefault((*key, json.dumps(record["recipe"], sort_keys=True)), []).append(record)
+    summaries = []
+    for runs in groups.values():
+        if len({run["seed"] for run in runs}) < 2:
+            continue
+        first = runs[0]
+        summary = {
+            name: first.get(name) for name in ("backbone", "dataset", "num_points", "epochs", "voting", "votes")
+        }
+        summary.update(seeds=[run["seed"] for run in runs], devices=sorted({run["device"] for run in runs}))
+        for metric in ("overall_accuracy", "mean_class_accuracy"):
+            values = [run[metric] for run in runs]
+            summary[metric] = values
+            summary[f"{metric}_mean"] = statistics.fmean(values)
+            summary[f"{metric}_stdev"] = statistics.stdev(values)
+        summaries.append(summary)
+    return summaries
+
+
+def seed_table(groups: Sequence[dict[str, Any]]) -> list[str]:
+    """The report's section on `seed_groups`, none when no record has a second seed."""
+    if not groups:
+        return []
+    lines = [
+        "",
+        "## Across seeds (records above that differ only by seed)",
+        "",
+        "Mean ± sample standard deviation over the runs; the devices may differ.",
+        "",
+        "| backbone | dataset | points | epochs | voting | OA % by seed | OA % | mAcc % | device |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for g in groups:
+        runs = zip(g["seeds"], g["overall_accuracy"], strict=True)
+        by_seed = ", ".join(f"{percent(value)} ({seed})" for seed, value in runs)
+        voting = f"{g['votes']} votes" if g["voting"] else "no"
+        spread = {
+            metric: f"{percent(g[f'{metric}_mean'])} ± {percent(g[f'{metric}_stdev'])}"
+            for metric in ("overall_accuracy", "mean_class_accuracy")
+        }
+        lines.append(
+            f"| {g['backbone']} | {g['dataset']} | {g['num_points']} | {g['epochs']} | {voting} | {by_seed} "
+            f"| {spread['overall_accuracy']} | {spread['mean_class_accuracy']} | {'; '.join(g['devices'])} |"
+        )
+    return lines
 
 
 def to_markdown(records: Sequence[dict[str, Any]]) -> str:
@@ -135,6 +202,7 @@ def to_markdown(records: Sequence[dict[str, Any]]) -> str:
             f"| {percent(r['overall_accuracy'])} | {percent(r['mean_class_accuracy'])} | {trainable} | {size} "
             f"| {r['device']} | `{r['command']}` | {r.get('note', '')} |"
         )
+    lines += seed_table(seed_groups(records))
     lines += [
         "",
         "## Published (DESIGN.md §6; 300 epochs, the reference picks the best epoch on the test set)",

@@ -9,13 +9,14 @@ import pytest
 from benchmarks import accuracy
 
 
-def write_run(folder, accuracy_value: float) -> None:
+def write_run(folder, accuracy_value: float, seed: int = 42, learning_rate: float = 2e-3, mean_class=0.5) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    recipe = {"num_epochs": 2, "learning_rate": learning_rate, "seed": seed, "output_dir": str(folder)}
     results = {
         "final_epoch": {"epoch": 2, "wall_time_s": 500.0},
-        "test_metrics": {"accuracy": accuracy_value, "mean_class_accuracy": 0.5, "num_samples": 800},
+        "test_metrics": {"accuracy": accuracy_value, "mean_class_accuracy": mean_class, "num_samples": 800},
         "data": {"dataset": "modelnet40", "num_train": 9843, "num_points": 512},
-        "recipe": {"num_epochs": 2},
+        "recipe": {**recipe, "compile_blocks": "auto"},
         "trainable_params": 531864,
         "adapter_bytes": 2_150_000,
     }
@@ -43,6 +44,55 @@ def test_add_replaces_the_record_of_the_same_run_and_keeps_voting_apart(tmp_path
     assert "| MiniLM | modelnet40 | 512 | 2 of 2 | no | 63.0 | 50.0 | 0.53M | 2.1 MB | cpu | `make demo` |" in report
     assert "| MiniLM | modelnet40 | 512 | 2 of 2 | 10 votes | 64.0 | 55.0 |" in report
     assert "| Any2Point | CLIP-L text | 0.8M | 91.9 | 94.3 |" in report
+
+
+def test_runs_that_differ_only_by_seed_are_summarised_with_mean_and_standard_deviation(tmp_path):
+    def add(name, command, **run):
+        write_run(tmp_path / name, **run)
+        common = ["--backbone", "MiniLM", "--device", f"cpu {name}", "--command", command]
+        accuracy.main(["add", "--run", str(tmp_path / name), *common, "--results_dir", str(tmp_path)])
+
+    add("a", "train --seed 42", accuracy_value=0.80, seed=42, mean_class=0.70)
+    add("b", "train --seed 43", accuracy_value=0.83, seed=43, mean_class=0.76)
+    add("c", "train --seed 44", accuracy_value=0.90, seed=44)  # another recipe: compiled the same, a new rate
+    add("c", "train --seed 44 --learning_rate 1e-3", accuracy_value=0.70, seed=44, learning_rate=1e-3)
+
+    records = json.loads((tmp_path / "accuracy.json").read_text())
+    # Paths, how a run is compiled and the seed itself are not part of what has to match.
+    assert records[0]["seed"] == 42
+    assert records[0]["recipe"] == {"num_epochs": 2, "learning_rate": 2e-3}
+    (group,) = accuracy.seed_groups(records)
+    assert group["seeds"] == [42, 43, 44]
+    assert group["devices"] == ["cpu a", "cpu b", "cpu c"]
+    for metric, values in (("overall_accuracy", [0.80, 0.83, 0.90]), ("mean_class_accuracy", [0.70, 0.76, 0.5])):
+        mean = sum(values) / 3
+        assert group[metric] == values
+        assert group[f"{metric}_mean"] == pytest.approx(mean)
+        assert group[f"{metric}_stdev"] == pytest.approx((sum((v - mean) ** 2 for v in values) / 2) ** 0.5)
+    report = (tmp_path / "accuracy.md").read_text()
+    assert (
+        "| MiniLM | modelnet40 | 512 | 2 | no | 80.0 (42), 83.0 (43), 90.0 (44) | 84.3 ± 5.1 | 65.3 ± 13.6 |" in report
+    )
+
+
+def test_a_single_seed_or_a_stopped_run_makes_no_seed_summary(tmp_path):
+    write_run(tmp_path / "a", 0.80)
+    records = [accuracy.record_from_run(tmp_path / "a", None, None, "MiniLM", "cpu", "train", "")]
+    (tmp_path / "a" / "metrics.jsonl").write_text(
+        json.dumps(
+            {
+                "epoch": 1,
+                "test_accuracy": 0.5,
+                "test_mean_class_accuracy": 0.4,
+                "test_samples": 800,
+                "wall_time_s": 1.0,
+            }
+        )
+        + "\n"
+    )
+    records.append(accuracy.record_from_run(None, tmp_path / "a" / "metrics.jsonl", None, "MiniLM", "cpu", "x", ""))
+    assert accuracy.seed_groups(records) == []
+    assert "Across seeds" not in accuracy.to_markdown(records)
 
 
 def test_a_stopped_run_is_recorded_from_its_metrics_log(tmp_path):
