@@ -145,3 +145,14 @@ def test_a_log_argument_without_a_label_is_refused(capsys):
     with pytest.raises(SystemExit):
         accuracy.main(["curves", "--log", "run/metrics.jsonl"])
     assert "expected LABEL=PATH/metrics.jsonl, got 'run/metrics.jsonl'" in capsys.readouterr().err
+
+
+def test_the_committed_report_is_generated_from_the_committed_records():
+    records = json.loads((accuracy.RESULTS / accuracy.RECORDS_FILE).read_text(encoding="utf-8"))
+    required = {"backbone", "dataset", "epochs", "device", "overall_accuracy", "mean_class_accuracy"}
+    required |= {"trainable_params", "adapter_bytes", "voting", "command"}
+    assert [sorted(required - set(r)) for r in records] == [[] for _ in records]
+    keys = [tuple(r[field] for field in accuracy.KEY_FIELDS) for r in records]
+    assert len(set(keys)) == len(keys), "two records share a key; `add` would have replaced one"
+    report = (accuracy.RESULTS / accuracy.REPORT_FILE).read_text(encoding="utf-8")
+    assert report == accuracy.to_markdown(records), "accuracy.md is stale: run python -m benchmarks.accuracy report"
