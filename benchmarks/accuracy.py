@@ -41,6 +41,8 @@ RECORDS_FILE = "accuracy.json"
 REPORT_FILE = "accuracy.md"
 CURVES_FILE = "accuracy_curves.png"
 KEY_FIELDS = ("backbone", "dataset", "device", "command", "voting")
+# Arguments that two runs may differ in and still count as seeds of one recipe.
+NOT_RECIPE = RESUMABLE_ARGUMENTS | {"seed"}
 
 # DESIGN.md §6: overall accuracy (%), ScanObjectNN PB_T50_RS and ModelNet40 (1k points), as published.
 PUBLISHED = [
@@ -115,7 +117,7 @@ def record_from_run(
 def comparable_recipe(arguments: Mapping[str, Any]) -> dict[str, Any]:
     """The training script's arguments that two runs must share for their seeds to be compared: every argument that
     changes what a run computes (`RESUMABLE_ARGUMENTS` left out: paths, compilation, checkpointing), less the seed."""
-    return {name: value for name, value in arguments.items() if name not in RESUMABLE_ARGUMENTS | {"seed"}}
+    return {name: value for name, value in arguments.items() if name not in NOT_RECIPE}
 
 
 def merge(records: list[dict[str, Any]], new: dict[str, Any]) -> list[dict[str, Any]]:
@@ -135,8 +137,9 @@ def seed_groups(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for record in records:
         if "recipe" in record:
-            key = (record["backbone"], record["dataset"], record.get("votes") if record["voting"] else None)
-            groups.setdefault((*key, json.dumps(record["recipe"], sort_keys=True)), []).append(record)
+            votes = record.get("votes") if record["voting"] else None
+            recipe = json.dumps(record["recipe"], sort_keys=True)
+            groups.setdefault((record["backbone"], record["dataset"], votes, recipe), []).append(record)
     summaries = []
     for runs in groups.values():
         if len({run["seed"] for run in runs}) < 2:

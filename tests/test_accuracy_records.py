@@ -9,6 +9,11 @@ import pytest
 from benchmarks import accuracy
 
 
+# The fields issue #5 asks every accuracy record to have.
+REQUIRED_FIELDS = {"backbone", "dataset", "epochs", "device", "overall_accuracy", "mean_class_accuracy"}
+REQUIRED_FIELDS |= {"trainable_params", "adapter_bytes", "voting", "command"}
+
+
 def write_run(folder, accuracy_value: float, seed: int = 42, learning_rate: float = 2e-3, mean_class=0.5) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     recipe = {"num_epochs": 2, "learning_rate": learning_rate, "seed": seed, "output_dir": str(folder)}
@@ -37,9 +42,7 @@ def test_add_replaces_the_record_of_the_same_run_and_keeps_voting_apart(tmp_path
 
     records = json.loads((tmp_path / "accuracy.json").read_text())
     assert [(r["overall_accuracy"], r["voting"]) for r in records] == [(0.63, False), (0.64, True)]
-    required = {"backbone", "dataset", "epochs", "device", "overall_accuracy", "mean_class_accuracy"}
-    required |= {"trainable_params", "adapter_bytes", "voting", "command"}
-    assert all(required <= set(r) for r in records)
+    assert all(set(r) >= REQUIRED_FIELDS for r in records)
     report = (tmp_path / "accuracy.md").read_text()
     assert "| MiniLM | modelnet40 | 512 | 2 of 2 | no | 63.0 | 50.0 | 0.53M | 2.1 MB | cpu | `make demo` |" in report
     assert "| MiniLM | modelnet40 | 512 | 2 of 2 | 10 votes | 64.0 | 55.0 |" in report
@@ -149,9 +152,7 @@ def test_a_log_argument_without_a_label_is_refused(capsys):
 
 def test_the_committed_report_is_generated_from_the_committed_records():
     records = json.loads((accuracy.RESULTS / accuracy.RECORDS_FILE).read_text(encoding="utf-8"))
-    required = {"backbone", "dataset", "epochs", "device", "overall_accuracy", "mean_class_accuracy"}
-    required |= {"trainable_params", "adapter_bytes", "voting", "command"}
-    assert [sorted(required - set(r)) for r in records] == [[] for _ in records]
+    assert [sorted(REQUIRED_FIELDS - set(r)) for r in records] == [[] for _ in records]
     keys = [tuple(r[field] for field in accuracy.KEY_FIELDS) for r in records]
     assert len(set(keys)) == len(keys), "two records share a key; `add` would have replaced one"
     report = (accuracy.RESULTS / accuracy.REPORT_FILE).read_text(encoding="utf-8")
