@@ -98,11 +98,20 @@ CPU_ATTENTION_FLOPS = {
 
 
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
-    """The step's shape, shared by the CPU step benchmarks: backbone, clouds per batch, points, tokens."""
+    """The step's shape, shared by the CPU step benchmarks: backbone, clouds per batch, points, tokens, and the
+    embedder's per-neighbour work (neighbours and stage widths), which decides most of what Any2Point adds."""
     parser.add_argument("--backbone", choices=["minilm", "tiny"], default="minilm", help="tiny: random 2-layer BERT")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_points", type=int, default=1024)
     parser.add_argument("--num_tokens", type=int, default=128, help="Any2PointConfig.num_tokens (3 stages: N >= 4T)")
+    parser.add_argument("--num_neighbors", type=int, default=Any2PointConfig.num_neighbors)
+    parser.add_argument("--stage_widths", type=int, nargs=3, default=None, help="default: Any2PointConfig's")
+
+
+def step_config(args: argparse.Namespace) -> Any2PointConfig:
+    """The Any2Point config of the timed step, from `add_step_arguments`'s flags."""
+    widths = {"stage_widths": args.stage_widths} if args.stage_widths else {}
+    return Any2PointConfig(num_labels=40, num_tokens=args.num_tokens, num_neighbors=args.num_neighbors, **widths)
 
 
 def add_keep_memory_argument(parser: argparse.ArgumentParser) -> None:
@@ -183,11 +192,11 @@ def cpu_training_model(
     args: argparse.Namespace, compile_pooling: bool, compile_blocks: bool
 ) -> tuple[nn.Module, BertModel, Any2PointConfig]:
     """A peft model in train mode set up as CPU training sets it up (eager attention, seeded adapter weights), with
-    the embedder's pooling and the blocks compiled or not; `args` gives backbone and num_tokens."""
+    the embedder's pooling and the blocks compiled or not; `args` gives backbone and embedder shape."""
     backbone = build_backbone(args.backbone)
     backbone.set_attn_implementation("eager")  # what training uses on the CPU
     torch.manual_seed(0)  # the same adapter weights in every model built here
-    config = Any2PointConfig(num_labels=40, num_tokens=args.num_tokens)
+    config = step_config(args)
     model = get_peft_model(backbone, config).train()
     if compile_pooling:
         model.base_model.any2point["default"].embedder.compile_pooling()
@@ -439,7 +448,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Any2Point vs bare backbone on {meta['machine']} ({meta['threads']} torch threads, {meta['cpu_count']} cores, "
         f"load average {meta['load_average_before']} before / {meta['load_average_after']} after), torch "
         f"{meta['torch']}, {meta['date']}{' (--quick)' if meta['quick'] else ''}. Backbone {meta['backbone']}, "
-        f"B={meta['batch_size']} clouds × N={meta['num_points']} points → 1+{meta['num_tokens']} tokens, "
+        f"B={meta['batch_size']} clouds × N={meta['num_points']} points → 1+{meta['num_tokens']} tokens, embedder "
+        f"k={meta['num_neighbors']} neighbours and stage widths {meta['stage_widths']}, "
         f"{meta['attn_implementation']} attention, embedder pooling compiled: {meta['compile_embedder']}, freed memory "
         f"kept (`keep_freed_memory`): {'yes' if meta.get('keep_freed_memory') else 'no'}, geometry "
         f"backends per stage: {'; '.join(meta.get('geometry_backends', ['not recorded']))}. Matmul peak "
@@ -507,6 +517,8 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "num_points": args.num_points,
         "num_tokens": args.num_tokens,
+        "num_neighbors": args.num_neighbors,
+        "stage_widths": step_config(args).stage_widths,
         "min_run_time_s": args.min_run_time,
         "rounds": args.rounds,
         "attn_implementation": args.attn_implementation,
@@ -518,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
 
     backbone = build_backbone(args.backbone)
     backbone.set_attn_implementation(args.attn_implementation)
-    config = Any2PointConfig(num_labels=40, num_tokens=args.num_tokens)
+    config = step_config(args)
     peft_model = get_peft_model(backbone, config)
     meta["geometry_backends"] = geometry_backends(peft_model.base_model.any2point["default"].embedder, args.num_points)
     steps = make_steps(peft_model, backbone, config, args)

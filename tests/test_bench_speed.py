@@ -174,3 +174,32 @@ def test_report_names_the_geometry_backends_of_every_stage(result: dict[str, Any
         fps, knn = entry.split(": ")[1].split(", ")
         assert fps.removeprefix("fps ") in installed["fps"] and knn.removeprefix("knn ") in installed["knn"]
     assert "; ".join(stages) in (output_dir / "speed_quick.md").read_text()
+
+
+def test_report_names_the_embedder_shape_it_timed(result: dict[str, Any], output_dir: Path) -> None:
+    defaults = Any2PointConfig(num_labels=40)
+    assert (result["meta"]["num_neighbors"], result["meta"]["stage_widths"]) == (
+        defaults.num_neighbors,
+        defaults.stage_widths,
+    )
+    expected = f"k={defaults.num_neighbors} neighbours and stage widths {defaults.stage_widths}"
+    assert expected in (output_dir / "speed_quick.md").read_text()
+
+
+def test_embedder_flags_reach_the_timed_model() -> None:
+    args = bench_speed.parse_args(
+        ["--quick", "--backbone", "tiny", "--num_neighbors", "8", "--stage_widths", "8", "16", "24"]
+    )
+    model, _, config = bench_speed.cpu_training_model(args, compile_pooling=False, compile_blocks=False)
+    assert (config.num_neighbors, config.stage_widths) == (8, [8, 16, 24])
+    embedder = model.base_model.any2point["default"].embedder
+    assert [stage.num_neighbors for stage in embedder.stages] == [8, 8, 8]
+    default_model, _, _ = bench_speed.cpu_training_model(
+        bench_speed.parse_args(["--quick", "--backbone", "tiny"]), compile_pooling=False, compile_blocks=False
+    )
+    default_embedder = default_model.base_model.any2point["default"].embedder
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(embedder) < count(default_embedder)
+    points = torch.rand(2, 256, 3)
+    with torch.no_grad():
+        assert embedder(points)[0].shape[:2] == (2, args.num_tokens)
