@@ -99,7 +99,7 @@ CPU_ATTENTION_FLOPS = {
 
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     """The step's shape, shared by the CPU step benchmarks: backbone, clouds per batch, points, tokens, and the
-    embedder's per-neighbour work (neighbours and stage widths), which decides most of what Any2Point adds."""
+    embedder's per-neighbour work (neighbours and stage widths), a large part of what Any2Point adds."""
     parser.add_argument("--backbone", choices=["minilm", "tiny"], default="minilm", help="tiny: random 2-layer BERT")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_points", type=int, default=1024)

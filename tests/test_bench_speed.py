@@ -198,8 +198,7 @@ def test_embedder_flags_reach_the_timed_model() -> None:
         bench_speed.parse_args(["--quick", "--backbone", "tiny"]), compile_pooling=False, compile_blocks=False
     )
     default_embedder = default_model.base_model.any2point["default"].embedder
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    assert count(embedder) < count(default_embedder)
+    assert sum(p.numel() for p in embedder.parameters()) < sum(p.numel() for p in default_embedder.parameters())
     points = torch.rand(2, 256, 3)
     with torch.no_grad():
         assert embedder(points)[0].shape[:2] == (2, args.num_tokens)
