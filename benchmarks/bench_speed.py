@@ -505,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     kept = args.keep_freed_memory == "yes" and keep_freed_memory()
+    config = step_config(args)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": cpu_name(),
@@ -517,8 +518,8 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "num_points": args.num_points,
         "num_tokens": args.num_tokens,
-        "num_neighbors": args.num_neighbors,
-        "stage_widths": step_config(args).stage_widths,
+        "num_neighbors": config.num_neighbors,
+        "stage_widths": config.stage_widths,
         "min_run_time_s": args.min_run_time,
         "rounds": args.rounds,
         "attn_implementation": args.attn_implementation,
@@ -530,7 +531,6 @@ def main(argv: list[str] | None = None) -> None:
 
     backbone = build_backbone(args.backbone)
     backbone.set_attn_implementation(args.attn_implementation)
-    config = step_config(args)
     peft_model = get_peft_model(backbone, config)
     meta["geometry_backends"] = geometry_backends(peft_model.base_model.any2point["default"].embedder, args.num_points)
     steps = make_steps(peft_model, backbone, config, args)
