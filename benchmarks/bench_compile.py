@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from benchmarks.bench_speed import (
+    add_compile_embedder_argument,
     add_keep_memory_argument,
     add_step_arguments,
     cpu_training_model,
@@ -38,12 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min_run_time", type=float, default=16.0, help="seconds of timing per variant")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--compile_embedder",
-        default="yes",
-        choices=("yes", "no"),
-        help="compile the embedder's pooling in both variants, as training does from 1024 points on the CPU",
-    )
+    add_compile_embedder_argument(parser)
     add_keep_memory_argument(parser)
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     parser.add_argument("--stem", default="compile_blocks")

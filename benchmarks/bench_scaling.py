@@ -32,7 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from benchmarks.bench_speed import add_keep_memory_argument
+from benchmarks.bench_speed import add_compile_embedder_argument, add_keep_memory_argument
 from benchmarks.reporting import run_stamp, write_results
 from peft_any2point.allocator import keep_freed_memory
 from peft_any2point.metrics import save_png
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--knn_backend", choices=("auto", "torch"), default="auto", help="torch: hide torch-cluster from the children"
     )
-    parser.add_argument("--compile_embedder", choices=("yes", "no"), default="yes")
+    add_compile_embedder_argument(parser)
     add_keep_memory_argument(parser)
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     parser.add_argument("--child", type=int, nargs=2, metavar=("POINTS", "BATCH"), help=argparse.SUPPRESS)

@@ -114,6 +114,15 @@ def step_config(args: argparse.Namespace) -> Any2PointConfig:
     return Any2PointConfig(num_labels=40, num_tokens=args.num_tokens, num_neighbors=args.num_neighbors, **widths)
 
 
+def add_compile_embedder_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compile_embedder",
+        default="yes",
+        choices=("yes", "no"),
+        help="compile the embedder's per-neighbour work, as CPU training does from 1024 points on",
+    )
+
+
 def add_keep_memory_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep_freed_memory",
@@ -137,12 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("eager", "sdpa"),
         help="backbone attention, for both models; eager is what training on the CPU uses",
     )
-    parser.add_argument(
-        "--compile_embedder",
-        default="yes",
-        choices=("yes", "no"),
-        help="compile the embedder's per-neighbour work, as training does from 1024 points on",
-    )
+    add_compile_embedder_argument(parser)
     add_keep_memory_argument(parser)
     parser.add_argument("--quick", action="store_true", help=f"small sizes for smoke tests: {QUICK}")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
