@@ -38,8 +38,8 @@ from peft_any2point.training import (
     add_outlier_filter_arguments,
     check_num_labels,
     create_accelerator,
-    load_adapter,
     load_split,
+    load_trained_model,
     outlier_filter_overrides,
     predict,
     resolve_dataset,
@@ -189,7 +189,7 @@ def machine_name(accelerator: Accelerator) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     accelerator = create_accelerator(args.mixed_precision)
-    model, base = load_adapter(
+    model, base = load_trained_model(
         args.adapter_path, args.model_name_or_path, accelerator.device, config_overrides=outlier_filter_overrides(args)
     )
     num_points = args.num_points or trained_num_points(args.adapter_path)

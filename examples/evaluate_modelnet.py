@@ -1,7 +1,8 @@
 """Evaluate a saved Any2Point adapter: overall, mean-class and per-class accuracy, optionally with voting.
 
 The adapter is loaded onto its base model (`base_model_name_or_path` in its `adapter_config.json`, unless
-`--model_name_or_path` overrides it). Voting averages the logits of the cloud and `--voting - 1` augmented copies
+`--model_name_or_path` overrides it). The output folder of a baseline run (`train_modelnet.py --tuning lora`, ...)
+evaluates the same way, rebuilt from its `results.json`, so that the peers get voting numbers too. Voting averages the logits of the cloud and `--voting - 1` augmented copies
 (the training augmentation of the dataset, seeded). Metrics come from the `evaluate` module shipped in the
 package, so nothing is downloaded. Runs under `python`, `accelerate launch` and `torchrun`.
 """
@@ -21,8 +22,8 @@ from peft_any2point.training import (
     add_outlier_filter_arguments,
     check_num_labels,
     create_accelerator,
-    load_adapter,
     load_split,
+    load_trained_model,
     outlier_filter_overrides,
     point_cloud_metrics,
     predict,
@@ -34,7 +35,11 @@ from peft_any2point.training import (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapter_path", required=True, help="Folder written by `save_pretrained` (or a Hub id).")
+    parser.add_argument(
+        "--adapter_path",
+        required=True,
+        help="Folder written by `save_pretrained` or a baseline training run (or a Hub id).",
+    )
     parser.add_argument("--model_name_or_path", default=None, help="Base model; default: the adapter's own.")
     parser.add_argument("--dataset", choices=DATASET_NAMES, default="modelnet40")
     parser.add_argument("--data_dir", default=None)
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = create_accelerator(args.mixed_precision, keep_memory=args.keep_freed_memory)
     overrides = outlier_filter_overrides(args)
-    model, base = load_adapter(
+    model, base = load_trained_model(
         args.adapter_path, args.model_name_or_path, accelerator.device, config_overrides=overrides
     )
 

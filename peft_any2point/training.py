@@ -6,7 +6,8 @@
   position in the data (`save_checkpoint`, `load_checkpoint`, `find_latest_checkpoint`), written atomically; the
   trainable state is every parameter that trains, by name (`save_trainable_state`), so the same code checkpoints
   an Any2Point adapter and the baselines of `peft_any2point.baselines`;
-- evaluation with optional voting, gathered across processes without duplicates (`predict`, `point_cloud_metrics`);
+- evaluation of a saved adapter or baseline run (`load_trained_model`) with optional voting, gathered across
+  processes without duplicates (`predict`, `point_cloud_metrics`);
 - the final outputs (`save_adapter`, `write_metrics_log`).
 
 A resumed run replays exactly what the uninterrupted run would have done: the shuffled order is a function of
@@ -36,13 +37,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from peft import PeftConfig, PeftModel
+from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from peft_any2point.allocator import keep_freed_memory
+from peft_any2point.baselines import WEIGHTS_FILE, make_baseline
+from peft_any2point.config import Any2PointConfig
 from peft_any2point.data import DATA_DIR_ENV, DEFAULT_DATA_DIR, load_point_cloud_dataset, resolve_data_dir
 from peft_any2point.hub import ADAPTER_FILES
 from peft_any2point.io import atomic_path, atomic_write_text
@@ -555,25 +558,43 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLik
 # ----- evaluation ------------------------------------------------------------------------------------------------
 
 
-def load_adapter(
-    adapter_path: str,
+def load_trained_model(
+    path: str,
     model_name_or_path: str | None = None,
     device: torch.device | None = None,
     attn_implementation: str = "auto",
     config_overrides: Mapping[str, Any] | None = None,
 ) -> tuple[PeftModel, str]:
-    """A saved adapter on its base model (the one its `adapter_config.json` names, unless overridden), and that
-    base model's name or path.
+    """A trained model on its base model, and that base model's name or path.
 
-    `config_overrides` changes config fields that need no weights, e.g. `{"outlier_neighbors": 8}` to evaluate an
-    adapter trained without the outlier filter with it; the config validates them again.
+    `path` is a saved Any2Point adapter (its base model: the one `adapter_config.json` names) or the output folder
+    of a baseline run of the training script, rebuilt from the config, tuning and base model its `results.json`
+    records and loaded with its `WEIGHTS_FILE`; `model_name_or_path` overrides the base model either way.
+    `config_overrides` changes config fields that need no weights, e.g. `{"outlier_neighbors": 8}` to evaluate a
+    model trained without the outlier filter with it; the config validates them again.
     """
-    config = PeftConfig.from_pretrained(adapter_path)
+    baseline_weights = Path(path) / WEIGHTS_FILE
+    if baseline_weights.is_file():
+        results_file = baseline_weights.with_name("results.json")
+        if not results_file.is_file():
+            raise FileNotFoundError(
+                f"{path} holds a baseline's {WEIGHTS_FILE} but no results.json, which records the tuning and config "
+                "needed to rebuild it"
+            )
+        results = json.loads(results_file.read_text())
+        config: PeftConfig = Any2PointConfig(**results["any2point_config"])
+    else:
+        config = PeftConfig.from_pretrained(path)
     if config_overrides:
         config = type(config)(**{**config.to_dict(), **config_overrides})
     base = model_name_or_path or config.base_model_name_or_path
     backbone = load_backbone(base, device or torch.device("cpu"), attn_implementation)
-    return PeftModel.from_pretrained(backbone, adapter_path, config=config), base
+    if not baseline_weights.is_file():
+        return PeftModel.from_pretrained(backbone, path, config=config), base
+    model = get_peft_model(backbone, config)
+    make_baseline(model, results["recipe"]["tuning"], results["recipe"]["lora_rank"])
+    load_trainable_state(model, baseline_weights)
+    return model.to(device or torch.device("cpu")), base
 
 
 def add_outlier_filter_arguments(parser: argparse.ArgumentParser) -> None:

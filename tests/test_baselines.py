@@ -22,10 +22,12 @@ from peft_any2point.training import (
     load_checkpoint,
     load_split,
     load_trainable_state,
+    load_trained_model,
     save_checkpoint,
+    save_trainable_state,
 )
 from tests.conftest import make_backbone, tiny_config
-from tests.test_examples import DATA_ARGS, MODEL_ARGS, TRAIN, load_script
+from tests.test_examples import DATA_ARGS, EVALUATE, MODEL_ARGS, TRAIN, load_script
 
 
 # An architecture of each kind the baselines must cope with: learned 1D table, 2D grid, rotary (causal, and with
@@ -136,6 +138,7 @@ def test_a_baseline_checkpoint_restores_everything_that_trains(kind, points, tmp
 
 @pytest.mark.parametrize("kind", BASELINES)
 def test_a_training_run_saves_what_trained_and_counts_it(kind, backbone_dir, tmp_path):
+    eval_file = tmp_path / "evaluated" / "eval_results.json"
     results = load_script(TRAIN).main(
         [
             "--model_name_or_path", str(backbone_dir), *DATA_ARGS, "--max_train_samples", "16", *MODEL_ARGS,
@@ -163,6 +166,21 @@ def test_a_training_run_saves_what_trained_and_counts_it(kind, backbone_dir, tmp
     with torch.no_grad():
         loss = model.eval()(points=test["points"], labels=test["labels"]).loss
     assert loss.item() == pytest.approx(results["test_metrics"]["loss"], rel=1e-5)
+
+    # The evaluation script rebuilds the run from its folder alone and scores the same clouds the same way.
+    evaluated = load_script(EVALUATE).main(
+        ["--adapter_path", str(tmp_path), *DATA_ARGS[:4], "--max_eval_samples", "16", "--output_file", str(eval_file)]
+    )
+    assert evaluated["base_model"] == str(backbone_dir)
+    assert evaluated["accuracy"] == results["test_metrics"]["accuracy"]
+    assert evaluated["loss"] == pytest.approx(results["test_metrics"]["loss"], rel=1e-5)
+
+
+def test_evaluating_a_baseline_run_without_its_results_file_names_what_is_missing(tmp_path):
+    model = baseline("lora")
+    save_trainable_state(model, tmp_path / WEIGHTS_FILE)
+    with pytest.raises(FileNotFoundError, match=f"baseline's {WEIGHTS_FILE} but no results.json"):
+        load_trained_model(str(tmp_path))
 
 
 def test_the_ablation_variants_are_valid_training_flags():
