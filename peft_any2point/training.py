@@ -69,6 +69,7 @@ RESUMABLE_ARGUMENTS = frozenset(
         "data_dir",
         "output_dir",
         "checkpointing_steps",
+        "checkpoints_total_limit",
         "resume_from_checkpoint",
         "allow_recipe_change",
         "push_to_hub",
@@ -463,12 +464,15 @@ def save_checkpoint(
     progress: TrainingProgress,
     history: Sequence[Mapping[str, Any]],
     recipe: Mapping[str, Any] | None = None,
+    keep_last: int | None = None,
 ) -> Path:
     """Write `checkpoint-<step>/` (trainable state, optimizer, scheduler, progress, metric history, the run's recipe,
     per-process RNG).
 
     Files are written atomically into a hidden `.checkpoint-<step>.partial/` that is renamed into place last, so a
-    run killed while saving leaves no folder that `find_latest_checkpoint` would take for a complete one.
+    run killed while saving leaves no folder that `find_latest_checkpoint` would take for a complete one. With
+    `keep_last`, earlier checkpoints beyond the newest `keep_last` (this one included) are removed once this one is in
+    place, so that a long run with frequent checkpoints does not fill the disk.
     """
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{progress.step}"
     partial = final.with_name(f".{final.name}.partial")
@@ -494,8 +498,26 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)  # a checkpoint of the same step from an earlier, abandoned run
         os.replace(partial, final)
+        if keep_last is not None:
+            remove_earlier_checkpoints(output_dir, progress.step, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_earlier_checkpoints(output_dir: str | os.PathLike, step: int, keep_last: int) -> list[Path]:
+    """Delete the checkpoints before `step` except the newest `keep_last - 1`; return what was deleted.
+
+    Checkpoints after `step` (left by an abandoned run this one was resumed behind) and partial folders are not
+    touched: only the history of the run going on now is thinned.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1 (the checkpoint just written), got {keep_last}")
+    checkpoints = complete_checkpoints(output_dir)
+    earlier = sorted(found for found in checkpoints if found < step)
+    removed = [checkpoints[found] for found in earlier[: max(0, len(earlier) - (keep_last - 1))]]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
 
 
 def load_checkpoint(
@@ -535,10 +557,15 @@ def load_checkpoint(
     return TrainingProgress(**training_state["progress"]), training_state["history"]
 
 
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step in `output_dir`, or None (partial folders are never taken)."""
+def complete_checkpoints(output_dir: str | os.PathLike) -> dict[int, Path]:
+    """The `checkpoint-<step>/` folders in `output_dir` by step (partial folders are hidden and never matched)."""
     folders = [path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir()]
-    steps = {int(match[1]): path for path in folders if (match := CHECKPOINT_PATTERN.match(path.name))}
+    return {int(match[1]): path for path in folders if (match := CHECKPOINT_PATTERN.match(path.name))}
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step in `output_dir`, or None."""
+    steps = complete_checkpoints(output_dir)
     return steps[max(steps)] if steps else None
 
 

@@ -120,9 +120,11 @@ def test_resuming_mid_epoch_ends_like_the_uninterrupted_run(trained_run, backbon
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
     result = run_script(
         TRAIN, "--model_name_or_path", backbone_dir, *DATA_ARGS, *MODEL_ARGS, *RECIPE_ARGS,
-        "--checkpointing_steps", "2", "--output_dir", tmp_path, "--resume_from_checkpoint", "latest",
+        "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--output_dir", tmp_path,
+        "--resume_from_checkpoint", "latest",
     )  # fmt: skip
     assert "Resumed from" in result.stdout and "epoch 1, step 6" in result.stdout
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-8"]
 
     expected, resumed = (
         load_file(output_dir / "adapter_model.safetensors"),
@@ -293,6 +295,9 @@ def test_train_script_rejects_a_malformed_checkpointing_interval(capsys):
     with pytest.raises(SystemExit):
         load_script(TRAIN).parse_args(["--checkpointing_steps", "often"])
     assert "--checkpointing_steps must be a number of steps or 'epoch', got 'often'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_script(TRAIN).parse_args(["--checkpoints_total_limit", "0"])
+    assert "--checkpoints_total_limit must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_push_to_hub_uploads_the_adapter_plots_and_card(backbone_dir, tmp_path):

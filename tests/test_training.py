@@ -40,6 +40,7 @@ from peft_any2point.training import (
     make_dataloaders,
     point_cloud_metrics,
     predict,
+    remove_earlier_checkpoints,
     resolve_checkpoint,
     restore_rng_state,
     rng_state,
@@ -221,6 +222,29 @@ def test_latest_checkpoint_is_the_highest_step_not_the_last_in_name_order(tmp_pa
     (tmp_path / "checkpoint-12").write_text("a file, not a folder")
     assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
     assert find_latest_checkpoint(tmp_path / "checkpoint-x") is None
+
+
+def test_a_checkpoint_limit_keeps_the_newest_and_nothing_of_another_run(accelerator, tmp_path):
+    model, optimizer, scheduler = _training_setup(accelerator)
+    generator = torch.Generator().manual_seed(0)
+    (tmp_path / "checkpoint-12").mkdir()  # left by an abandoned run that this one was resumed behind
+    (tmp_path / ".checkpoint-10.partial").mkdir()  # a save that was cut off
+    for step in (2, 4, 6):
+        progress = TrainingProgress(step=step)
+        save_checkpoint(tmp_path, accelerator, model, optimizer, scheduler, generator, progress, [], keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".checkpoint-10.partial",
+        "checkpoint-12",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+    assert load_checkpoint(tmp_path / "checkpoint-4", accelerator, model, optimizer, scheduler, generator)[0].step == 4
+
+    assert remove_earlier_checkpoints(tmp_path, 6, keep_last=1) == [tmp_path / "checkpoint-4"]
+    assert remove_earlier_checkpoints(tmp_path, 6, keep_last=1) == []
+    with pytest.raises(ValueError, match=r"keep_last must be at least 1 \(the checkpoint just written\), got 0"):
+        remove_earlier_checkpoints(tmp_path, 6, keep_last=0)
+    assert (tmp_path / "checkpoint-6").is_dir()
 
 
 def test_resolving_a_missing_checkpoint_says_what_is_missing(tmp_path):
