@@ -30,6 +30,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from peft_any2point.io import atomic_write_text
 from peft_any2point.metrics import save_png
@@ -240,6 +241,7 @@ def plot_learning_curves(curves: Mapping[str, Mapping[str, list[float]]], path: 
         for label, curve in curves.items():
             ax.plot(curve["epoch"], curve[metric], marker="o", markersize=3, label=label)
         ax.set(xlabel="epoch", ylabel="%", title=f"ModelNet40 test {title}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     overall = fig.axes[0]
     published = [(source, modelnet40) for method, source, _, _, modelnet40 in PUBLISHED if method == "Any2Point"]
