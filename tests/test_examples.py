@@ -291,7 +291,7 @@ def test_training_stops_when_every_cloud_reaches_the_head_as_the_same_vector(bac
     assert not (tmp_path / "stopped.json").exists()
 
 
-def test_train_script_rejects_a_malformed_checkpointing_interval(capsys):
+def test_train_script_rejects_a_malformed_checkpointing_interval_or_limit(capsys):
     with pytest.raises(SystemExit):
         load_script(TRAIN).parse_args(["--checkpointing_steps", "often"])
     assert "--checkpointing_steps must be a number of steps or 'epoch', got 'often'" in capsys.readouterr().err
