@@ -149,7 +149,11 @@ def seed_groups(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         summary = {
             name: first.get(name) for name in ("backbone", "dataset", "num_points", "epochs", "voting", "votes")
         }
-        summary.update(seeds=[run["seed"] for run in runs], devices=sorted({run["device"] for run in runs}))
+        summary.update(
+            recipe=first["recipe"],
+            seeds=[run["seed"] for run in runs],
+            devices=sorted({run["device"] for run in runs}),
+        )
         for metric in ("overall_accuracy", "mean_class_accuracy"):
             values = [run[metric] for run in runs]
             summary[metric] = values
@@ -157,6 +161,30 @@ def seed_groups(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             summary[f"{metric}_stdev"] = statistics.stdev(values)
         summaries.append(summary)
     return summaries
+
+
+def distinguishing_settings(groups: Sequence[dict[str, Any]]) -> list[str]:
+    """For each group, the recipe settings whose values differ between the groups of its backbone, dataset, points
+    and epochs, as training-script flags: without them Any2Point and a baseline on one backbone read alike."""
+    peers: dict[tuple, list[dict[str, Any]]] = {}
+    for g in groups:
+        peers.setdefault((g["backbone"], g["dataset"], g["num_points"], g["epochs"]), []).append(g["recipe"])
+    settings = []
+    for g in groups:
+        recipes = peers[(g["backbone"], g["dataset"], g["num_points"], g["epochs"])]
+        names = sorted({name for recipe in recipes for name in recipe})
+        differing = [name for name in names if len({json.dumps(recipe.get(name)) for recipe in recipes}) > 1]
+        settings.append(", ".join(f"--{name} {flag_value(g['recipe'].get(name))}" for name in differing))
+    return settings
+
+
+def flag_value(value: Any) -> str:
+    """A recipe value as it is passed on the command line; None is the script's default."""
+    if value is None:
+        return "(default)"
+    if isinstance(value, list):
+        return " ".join(str(item) for item in value)
+    return str(value)
 
 
 def seed_table(groups: Sequence[dict[str, Any]]) -> list[str]:
@@ -167,12 +195,13 @@ def seed_table(groups: Sequence[dict[str, Any]]) -> list[str]:
         "",
         "## Across seeds (records above that differ only by seed)",
         "",
-        "Mean ± sample standard deviation over the runs; the devices may differ.",
+        "Mean ± sample standard deviation over the runs; the devices may differ. Where rows share backbone, points and",
+        "epochs, the settings column names the training-script flags that tell their recipes apart.",
         "",
-        "| backbone | dataset | points | epochs | voting | OA % by seed | OA % | mAcc % | device |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| backbone | dataset | points | epochs | settings | voting | OA % by seed | OA % | mAcc % | device |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for g in groups:
+    for g, settings in zip(groups, distinguishing_settings(groups), strict=True):
         runs = zip(g["seeds"], g["overall_accuracy"], strict=True)
         by_seed = ", ".join(f"{percent(value)} ({seed})" for seed, value in runs)
         voting = f"{g['votes']} votes" if g["voting"] else "no"
@@ -181,7 +210,7 @@ def seed_table(groups: Sequence[dict[str, Any]]) -> list[str]:
             for metric in ("overall_accuracy", "mean_class_accuracy")
         }
         lines.append(
-            f"| {g['backbone']} | {g['dataset']} | {g['num_points']} | {g['epochs']} | {voting} | {by_seed} "
+            f"| {g['backbone']} | {g['dataset']} | {g['num_points']} | {g['epochs']} | {settings} | {voting} | {by_seed} "
             f"| {spread['overall_accuracy']} | {spread['mean_class_accuracy']} | {'; '.join(g['devices'])} |"
         )
     return lines

@@ -14,9 +14,11 @@ REQUIRED_FIELDS = {"backbone", "dataset", "epochs", "device", "overall_accuracy"
 REQUIRED_FIELDS |= {"trainable_params", "adapter_bytes", "voting", "command"}
 
 
-def write_run(folder, accuracy_value: float, seed: int = 42, learning_rate: float = 2e-3, mean_class=0.5) -> None:
+def write_run(
+    folder, accuracy_value: float, seed: int = 42, learning_rate: float = 2e-3, mean_class=0.5, **settings
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    recipe = {"num_epochs": 2, "learning_rate": learning_rate, "seed": seed, "output_dir": str(folder)}
+    recipe = {"num_epochs": 2, "learning_rate": learning_rate, "seed": seed, "output_dir": str(folder), **settings}
     results = {
         "final_epoch": {"epoch": 2, "wall_time_s": 500.0},
         "test_metrics": {"accuracy": accuracy_value, "mean_class_accuracy": mean_class, "num_samples": 800},
@@ -74,8 +76,40 @@ def test_runs_that_differ_only_by_seed_are_summarised_with_mean_and_standard_dev
         assert group[f"{metric}_stdev"] == pytest.approx((sum((v - mean) ** 2 for v in values) / 2) ** 0.5)
     report = (tmp_path / "accuracy.md").read_text()
     assert (
-        "| MiniLM | modelnet40 | 512 | 2 | no | 80.0 (42), 83.0 (43), 90.0 (44) | 84.3 ± 5.1 | 65.3 ± 13.6 |" in report
+        "| MiniLM | modelnet40 | 512 | 2 |  | no | 80.0 (42), 83.0 (43), 90.0 (44) | 84.3 ± 5.1 | 65.3 ± 13.6 |"
+        in report
     )
+
+
+def test_seed_groups_of_one_backbone_name_the_flags_that_tell_their_recipes_apart(tmp_path):
+    runs = {
+        "a42": {"seed": 42, "tuning": "any2point", "stage_widths": None},
+        "a43": {"seed": 43, "tuning": "any2point", "stage_widths": None},
+        "e42": {"seed": 42, "tuning": "embedder-only", "stage_widths": None},
+        "e43": {"seed": 43, "tuning": "embedder-only", "stage_widths": None},
+        "n42": {"seed": 42, "tuning": "any2point", "stage_widths": [32, 64, 128]},
+        "n43": {"seed": 43, "tuning": "any2point", "stage_widths": [32, 64, 128]},
+    }
+    for name, settings in runs.items():
+        write_run(tmp_path / name, 0.8, **settings)
+        common = ["--backbone", "MiniLM", "--device", "cpu", "--command", f"train {name}"]
+        accuracy.main(["add", "--run", str(tmp_path / name), *common, "--results_dir", str(tmp_path)])
+    write_run(tmp_path / "other", 0.9, seed=42, tuning="lora")  # another backbone: not a peer of the MiniLM groups
+    write_run(tmp_path / "other43", 0.9, seed=43, tuning="lora")
+    for name in ("other", "other43"):
+        common = ["--backbone", "DINOv2", "--device", "cpu", "--command", f"train {name}"]
+        accuracy.main(["add", "--run", str(tmp_path / name), *common, "--results_dir", str(tmp_path)])
+
+    groups = accuracy.seed_groups(json.loads((tmp_path / "accuracy.json").read_text()))
+    assert accuracy.distinguishing_settings(groups) == [
+        "--stage_widths (default), --tuning any2point",
+        "--stage_widths (default), --tuning embedder-only",
+        "--stage_widths 32 64 128, --tuning any2point",
+        "",
+    ]
+    report = (tmp_path / "accuracy.md").read_text()
+    assert "| MiniLM | modelnet40 | 512 | 2 | --stage_widths 32 64 128, --tuning any2point | no | 80.0 (42)" in report
+    assert "| DINOv2 | modelnet40 | 512 | 2 |  | no | 90.0 (42), 90.0 (43) |" in report
 
 
 def test_a_single_seed_or_a_stopped_run_makes_no_seed_summary(tmp_path):
