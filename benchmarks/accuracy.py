@@ -166,12 +166,13 @@ def seed_groups(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def distinguishing_settings(groups: Sequence[dict[str, Any]]) -> list[str]:
     """For each group, the recipe settings whose values differ between the groups of its backbone, dataset, points
     and epochs, as training-script flags: without them Any2Point and a baseline on one backbone read alike."""
+    keys = [(g["backbone"], g["dataset"], g["num_points"], g["epochs"]) for g in groups]
     peers: dict[tuple, list[dict[str, Any]]] = {}
-    for g in groups:
-        peers.setdefault((g["backbone"], g["dataset"], g["num_points"], g["epochs"]), []).append(g["recipe"])
+    for key, g in zip(keys, groups, strict=True):
+        peers.setdefault(key, []).append(g["recipe"])
     settings = []
-    for g in groups:
-        recipes = peers[(g["backbone"], g["dataset"], g["num_points"], g["epochs"])]
+    for key, g in zip(keys, groups, strict=True):
+        recipes = peers[key]
         names = sorted({name for recipe in recipes for name in recipe})
         differing = [name for name in names if len({json.dumps(recipe.get(name)) for recipe in recipes}) > 1]
         settings.append(", ".join(f"--{name} {flag_value(g['recipe'].get(name))}" for name in differing))
