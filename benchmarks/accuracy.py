@@ -163,16 +163,21 @@ def seed_groups(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return summaries
 
 
-def distinguishing_settings(groups: Sequence[dict[str, Any]]) -> list[str]:
-    """For each group, the recipe settings whose values differ between the groups of its backbone, dataset, points
-    and epochs, as training-script flags: without them Any2Point and a baseline on one backbone read alike."""
-    keys = [(g["backbone"], g["dataset"], g["num_points"], g["epochs"]) for g in groups]
+def distinguishing_settings(groups: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) -> list[str]:
+    """For each group, the recipe settings whose values differ among the recorded runs of its backbone, dataset,
+    points and epochs, as training-script flags: without them Any2Point and a baseline on one backbone read alike.
+    A peer run with a single seed counts too, or a baseline's seeds would read as the method's."""
+
+    def peer_key(item: Mapping[str, Any]) -> tuple:
+        return item["backbone"], item["dataset"], item.get("num_points"), item["epochs"]
+
     peers: dict[tuple, list[dict[str, Any]]] = {}
-    for key, g in zip(keys, groups, strict=True):
-        peers.setdefault(key, []).append(g["recipe"])
+    for record in records:
+        if "recipe" in record:
+            peers.setdefault(peer_key(record), []).append(record["recipe"])
     settings = []
-    for key, g in zip(keys, groups, strict=True):
-        recipes = peers[key]
+    for g in groups:
+        recipes = peers[peer_key(g)]
         names = sorted({name for recipe in recipes for name in recipe})
         differing = [name for name in names if len({json.dumps(recipe.get(name)) for recipe in recipes}) > 1]
         settings.append(", ".join(f"--{name} {flag_value(g['recipe'].get(name))}" for name in differing))
@@ -188,21 +193,23 @@ def flag_value(value: Any) -> str:
     return str(value)
 
 
-def seed_table(groups: Sequence[dict[str, Any]]) -> list[str]:
+def seed_table(records: Sequence[dict[str, Any]]) -> list[str]:
     """The report's section on `seed_groups`, none when no record has a second seed."""
+    groups = seed_groups(records)
     if not groups:
         return []
     lines = [
         "",
         "## Across seeds (records above that differ only by seed)",
         "",
-        "Mean ± sample standard deviation over the runs; the devices may differ. Where rows share backbone, points and",
-        "epochs, the settings column names the training-script flags that tell their recipes apart.",
+        "Mean ± sample standard deviation over the runs; the devices may differ. Where the records of one backbone,",
+        "points and epochs differ in recipe (single-seed runs included), the settings column names the training-script",
+        "flags that tell them apart.",
         "",
         "| backbone | dataset | points | epochs | settings | voting | OA % by seed | OA % | mAcc % | device |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for g, settings in zip(groups, distinguishing_settings(groups), strict=True):
+    for g, settings in zip(groups, distinguishing_settings(groups, records), strict=True):
         runs = zip(g["seeds"], g["overall_accuracy"], strict=True)
         by_seed = ", ".join(f"{percent(value)} ({seed})" for seed, value in runs)
         voting = f"{g['votes']} votes" if g["voting"] else "no"
@@ -236,7 +243,7 @@ def to_markdown(records: Sequence[dict[str, Any]]) -> str:
             f"| {percent(r['overall_accuracy'])} | {percent(r['mean_class_accuracy'])} | {trainable} | {size} "
             f"| {r['device']} | `{r['command']}` | {r.get('note', '')} |"
         )
-    lines += seed_table(seed_groups(records))
+    lines += seed_table(records)
     lines += [
         "",
         "## Published (DESIGN.md §6; 300 epochs, the reference picks the best epoch on the test set)",

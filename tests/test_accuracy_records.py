@@ -76,8 +76,8 @@ def test_runs_that_differ_only_by_seed_are_summarised_with_mean_and_standard_dev
         assert group[f"{metric}_stdev"] == pytest.approx((sum((v - mean) ** 2 for v in values) / 2) ** 0.5)
     report = (tmp_path / "accuracy.md").read_text()
     assert (
-        "| MiniLM | modelnet40 | 512 | 2 |  | no | 80.0 (42), 83.0 (43), 90.0 (44) | 84.3 ± 5.1 | 65.3 ± 13.6 |"
-        in report
+        "| MiniLM | modelnet40 | 512 | 2 | --learning_rate 0.002 | no | 80.0 (42), 83.0 (43), 90.0 (44) | 84.3 ± 5.1 "
+        "| 65.3 ± 13.6 |" in report
     )
 
 
@@ -100,8 +100,8 @@ def test_seed_groups_of_one_backbone_name_the_flags_that_tell_their_recipes_apar
         common = ["--backbone", "DINOv2", "--device", "cpu", "--command", f"train {name}"]
         accuracy.main(["add", "--run", str(tmp_path / name), *common, "--results_dir", str(tmp_path)])
 
-    groups = accuracy.seed_groups(json.loads((tmp_path / "accuracy.json").read_text()))
-    assert accuracy.distinguishing_settings(groups) == [
+    records = json.loads((tmp_path / "accuracy.json").read_text())
+    assert accuracy.distinguishing_settings(accuracy.seed_groups(records), records) == [
         "--stage_widths (default), --tuning any2point",
         "--stage_widths (default), --tuning embedder-only",
         "--stage_widths 32 64 128, --tuning any2point",
@@ -110,6 +110,21 @@ def test_seed_groups_of_one_backbone_name_the_flags_that_tell_their_recipes_apar
     report = (tmp_path / "accuracy.md").read_text()
     assert "| MiniLM | modelnet40 | 512 | 2 | --stage_widths 32 64 128, --tuning any2point | no | 80.0 (42)" in report
     assert "| DINOv2 | modelnet40 | 512 | 2 |  | no | 90.0 (42), 90.0 (43) |" in report
+
+
+def test_a_peer_run_with_one_seed_still_tells_a_seed_group_apart(tmp_path):
+    # A baseline run with two seeds, and the method itself with only one: the baseline's row must say which it is.
+    for name, seed, tuning in (("e42", 42, "embedder-only"), ("e43", 43, "embedder-only"), ("a42", 42, "any2point")):
+        write_run(tmp_path / name, 0.8, seed=seed, tuning=tuning)
+        common = ["--backbone", "MiniLM", "--device", "cpu", "--command", f"train {name}"]
+        accuracy.main(["add", "--run", str(tmp_path / name), *common, "--results_dir", str(tmp_path)])
+
+    records = json.loads((tmp_path / "accuracy.json").read_text())
+    groups = accuracy.seed_groups(records)
+    assert [g["seeds"] for g in groups] == [[42, 43]]
+    assert accuracy.distinguishing_settings(groups, records) == ["--tuning embedder-only"]
+    report = (tmp_path / "accuracy.md").read_text()
+    assert "| MiniLM | modelnet40 | 512 | 2 | --tuning embedder-only | no | 80.0 (42), 80.0 (43) |" in report
 
 
 def test_a_single_seed_or_a_stopped_run_makes_no_seed_summary(tmp_path):
