@@ -9,6 +9,7 @@ voting, trainable parameters, adapter bytes and the command that reproduces it.
     python -m benchmarks.accuracy add --metrics_log run/metrics.jsonl ...   # a run stopped before its last epoch
     python -m benchmarks.accuracy report
     python -m benchmarks.accuracy curves --log "MiniLM=run/metrics.jsonl" --log "Whisper=..." [--output PNG]
+    python -m benchmarks.accuracy curves --log "LoRA=seed42/metrics.jsonl" --log "LoRA=seed43/metrics.jsonl" ...
 
 `add` reads what `examples/train_modelnet.py` writes (`results.json`, or only `metrics.jsonl` for a run that was
 stopped and is to be resumed) and, with `--eval_results`, what `examples/evaluate_modelnet.py` writes (a voting
@@ -255,28 +256,67 @@ def to_markdown(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def learning_curves(logs: Mapping[str, Path]) -> dict[str, dict[str, list[float]]]:
-    """Per labelled training log (`metrics.jsonl`): epochs and test overall / mean-class accuracy in %."""
-    curves = {}
-    for label, log in logs.items():
+CURVE_METRICS = {"overall_accuracy": "overall accuracy", "mean_class_accuracy": "mean-class accuracy"}
+
+
+def learning_curves(logs: Sequence[tuple[str, Path]]) -> dict[str, list[dict[str, list[float]]]]:
+    """Per label, the runs logged under it (`metrics.jsonl`, one per seed): epochs and test OA / mAcc in %.
+
+    A label given more than once names the seeds of one recipe, so their logs must cover the same epochs."""
+    curves: dict[str, list[dict[str, list[float]]]] = {}
+    for label, log in logs:
         records = read_metrics_log(log)
-        curves[label] = {
+        curve = {
             "epoch": [record["epoch"] for record in records],
             "overall_accuracy": [100 * record["test_accuracy"] for record in records],
             "mean_class_accuracy": [100 * record["test_mean_class_accuracy"] for record in records],
         }
+        runs = curves.setdefault(label, [])
+        if runs and curve["epoch"] != runs[0]["epoch"]:
+            raise ValueError(
+                f"the logs labelled {label!r} cover different epochs ({runs[0]['epoch']} and {curve['epoch']}, "
+                f"the latter in {log}): a label given more than once must name seeds of one schedule"
+            )
+        runs.append(curve)
     return curves
 
 
-def plot_learning_curves(curves: Mapping[str, Mapping[str, list[float]]], path: Path) -> Path:
+def seed_band(runs: Sequence[Mapping[str, list[float]]]) -> dict[str, Any]:
+    """Epoch by epoch, the mean of several seeds' curves and their lowest and highest value: one line with its
+    spread reads better than a tangle of seeds, and shows whether two methods' spreads overlap."""
+    band: dict[str, Any] = {"epoch": runs[0]["epoch"]}
+    for metric in CURVE_METRICS:
+        per_epoch = list(zip(*(run[metric] for run in runs), strict=True))
+        band[metric] = {
+            "mean": [statistics.fmean(values) for values in per_epoch],
+            "low": [min(values) for values in per_epoch],
+            "high": [max(values) for values in per_epoch],
+        }
+    return band
+
+
+def plot_learning_curves(curves: Mapping[str, Sequence[Mapping[str, list[float]]]], path: Path) -> Path:
     """Test accuracy after every epoch of each run, next to the published Any2Point ModelNet40 numbers (300 epochs,
-    best test epoch), so that how far a shortened schedule gets is seen at a glance."""
+    best test epoch), so that how far a shortened schedule gets is seen at a glance. A label with several seeds is
+    drawn as their mean inside a band from their lowest to their highest value."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
-    titles = {"overall_accuracy": "overall accuracy", "mean_class_accuracy": "mean-class accuracy"}
-    for ax, (metric, title) in zip(fig.subplots(1, 2), titles.items(), strict=True):
-        for label, curve in curves.items():
-            ax.plot(curve["epoch"], curve[metric], marker="o", markersize=3, label=label)
+    for ax, (metric, title) in zip(fig.subplots(1, 2), CURVE_METRICS.items(), strict=True):
+        for label, runs in curves.items():
+            if len(runs) == 1:
+                ax.plot(runs[0]["epoch"], runs[0][metric], marker="o", markersize=3, label=label)
+                continue
+            band = seed_band(runs)
+            (line,) = ax.plot(
+                band["epoch"],
+                band[metric]["mean"],
+                marker="o",
+                markersize=3,
+                label=f"{label}: mean and range of {len(runs)} seeds",
+            )
+            ax.fill_between(
+                band["epoch"], band[metric]["low"], band[metric]["high"], color=line.get_color(), alpha=0.2
+            )
         ax.set(xlabel="epoch", ylabel="%", title=f"ModelNet40 test {title}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -318,11 +358,17 @@ def main(argv: list[str] | None = None) -> None:
     add.add_argument("--trainable_params", type=int, default=None, help="with --metrics_log")
     commands.add_parser("report", parents=[shared], help="rewrite accuracy.md from accuracy.json")
     curves = commands.add_parser("curves", parents=[shared], help="plot test accuracy per epoch of training logs")
-    curves.add_argument("--log", type=parse_log_argument, action="append", required=True, help="LABEL=metrics.jsonl")
+    curves.add_argument(
+        "--log",
+        type=parse_log_argument,
+        action="append",
+        required=True,
+        help="LABEL=metrics.jsonl; repeat a label for the seeds of one recipe, drawn as their mean and range",
+    )
     curves.add_argument("--output", type=Path, default=None, help=f"default: RESULTS_DIR/{CURVES_FILE}")
     args = parser.parse_args(argv)
     if args.action == "curves":
-        print(plot_learning_curves(learning_curves(dict(args.log)), args.output or args.results_dir / CURVES_FILE))
+        print(plot_learning_curves(learning_curves(args.log), args.output or args.results_dir / CURVES_FILE))
         return
 
     path = args.results_dir / RECORDS_FILE

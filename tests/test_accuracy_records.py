@@ -174,23 +174,59 @@ def test_a_stopped_run_is_recorded_from_its_metrics_log(tmp_path):
     assert record["overall_accuracy"] == 0.2 and record["test_samples"] == 2468
 
 
-def test_learning_curves_read_every_epoch_of_each_log_and_plot_them(tmp_path):
-    logs = {}
-    for label, accuracies in (("MiniLM", [0.31, 0.48, 0.64]), ("Whisper", [0.25, 0.44])):
-        records = [
-            {"epoch": epoch, "test_accuracy": value, "test_mean_class_accuracy": value / 2, "train_loss": 1.0}
-            for epoch, value in enumerate(accuracies, start=1)
-        ]
-        logs[label] = tmp_path / f"{label}.jsonl"
-        logs[label].write_text("".join(json.dumps(record) + "\n" for record in records))
-    curves = accuracy.learning_curves(logs)
-    assert curves["MiniLM"]["epoch"] == [1, 2, 3]
-    assert curves["MiniLM"]["overall_accuracy"] == [31.0, 48.0, 64.0]
-    assert curves["Whisper"]["mean_class_accuracy"] == [12.5, 22.0]
+def write_metrics_log(path, accuracies: list[float]):
+    records = [
+        {"epoch": epoch, "test_accuracy": value, "test_mean_class_accuracy": value / 2, "train_loss": 1.0}
+        for epoch, value in enumerate(accuracies, start=1)
+    ]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
 
-    argv = ["curves", "--results_dir", str(tmp_path), *(f"--log={label}={path}" for label, path in logs.items())]
+
+def test_learning_curves_read_every_epoch_of_each_log_and_plot_them(tmp_path):
+    logs = [
+        (label, write_metrics_log(tmp_path / f"{label}.jsonl", accuracies))
+        for label, accuracies in (("MiniLM", [0.31, 0.48, 0.64]), ("Whisper", [0.25, 0.44]))
+    ]
+    curves = accuracy.learning_curves(logs)
+    assert [len(runs) for runs in curves.values()] == [1, 1]
+    (minilm,), (whisper,) = curves["MiniLM"], curves["Whisper"]
+    assert minilm["epoch"] == [1, 2, 3]
+    assert minilm["overall_accuracy"] == [31.0, 48.0, 64.0]
+    assert whisper["mean_class_accuracy"] == [12.5, 22.0]
+
+    argv = ["curves", "--results_dir", str(tmp_path), *(f"--log={label}={path}" for label, path in logs)]
     accuracy.main(argv)
     assert (tmp_path / "accuracy_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_repeated_label_keeps_every_seed_and_plots_their_mean_and_range(tmp_path):
+    seeds = {42: [0.30, 0.80], 43: [0.36, 0.83], 44: [0.27, 0.86]}
+    logs = [("LoRA", write_metrics_log(tmp_path / f"lora_{seed}.jsonl", values)) for seed, values in seeds.items()]
+    logs.append(("embedder", write_metrics_log(tmp_path / "embedder.jsonl", [0.40, 0.84])))
+    curves = accuracy.learning_curves(logs)
+    assert len(curves["LoRA"]) == 3 and len(curves["embedder"]) == 1
+
+    band = accuracy.seed_band(curves["LoRA"])
+    assert band["epoch"] == [1, 2]
+    # Epoch 1: 30, 36 and 27 %; epoch 2: 80, 83 and 86 % (mean-class accuracy is half of each).
+    assert band["overall_accuracy"]["mean"] == pytest.approx([31.0, 83.0])
+    assert band["overall_accuracy"]["low"] == pytest.approx([27.0, 80.0])
+    assert band["overall_accuracy"]["high"] == pytest.approx([36.0, 86.0])
+    assert band["mean_class_accuracy"]["mean"] == pytest.approx([15.5, 41.5])
+
+    output = tmp_path / "seeds.png"
+    accuracy.main(["curves", "--output", str(output), *(f"--log={label}={path}" for label, path in logs)])
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeds_under_one_label_must_cover_the_same_epochs(tmp_path):
+    logs = [
+        ("Any2Point", write_metrics_log(tmp_path / "ten.jsonl", [0.3, 0.5, 0.6])),
+        ("Any2Point", write_metrics_log(tmp_path / "stopped.jsonl", [0.3, 0.5])),
+    ]
+    with pytest.raises(ValueError, match=r"labelled 'Any2Point' cover different epochs .*/stopped\.jsonl"):
+        accuracy.learning_curves(logs)
 
 
 def test_a_log_argument_without_a_label_is_refused(capsys):
