@@ -301,22 +301,16 @@ def plot_learning_curves(curves: Mapping[str, Sequence[Mapping[str, list[float]]
     drawn as their mean inside a band from their lowest to their highest value."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
+    bands = {label: seed_band(runs) for label, runs in curves.items()}
     for ax, (metric, title) in zip(fig.subplots(1, 2), CURVE_METRICS.items(), strict=True):
-        for label, runs in curves.items():
-            if len(runs) == 1:
-                ax.plot(runs[0]["epoch"], runs[0][metric], marker="o", markersize=3, label=label)
-                continue
-            band = seed_band(runs)
-            (line,) = ax.plot(
-                band["epoch"],
-                band[metric]["mean"],
-                marker="o",
-                markersize=3,
-                label=f"{label}: mean and range of {len(runs)} seeds",
-            )
-            ax.fill_between(
-                band["epoch"], band[metric]["low"], band[metric]["high"], color=line.get_color(), alpha=0.2
-            )
+        for label, band in bands.items():
+            seeds = len(curves[label])
+            name = label if seeds == 1 else f"{label}: mean and range of {seeds} seeds"
+            (line,) = ax.plot(band["epoch"], band[metric]["mean"], marker="o", markersize=3, label=name)
+            if seeds > 1:
+                ax.fill_between(
+                    band["epoch"], band[metric]["low"], band[metric]["high"], color=line.get_color(), alpha=0.2
+                )
         ax.set(xlabel="epoch", ylabel="%", title=f"ModelNet40 test {title}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
